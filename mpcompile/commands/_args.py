@@ -1,0 +1,61 @@
+"""Argument groups shared by several subcommands (Polygraphy-style)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mpcompile.analyze import AnalyzeOptions
+from mpcompile.shapes import DEFAULT_DYNAMIC_DIM, ShapeSpec, parse_shape_args
+
+__all__ = ["add_shape_args", "shape_spec_from_args", "add_spectral_args", "analyze_options_from_args"]
+
+
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input shapes (for MAC counts and calibration)")
+    group.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME:DIMS",
+        help="static shape of a model input, e.g. --shape input:8x3x224x224 (repeatable)",
+    )
+    group.add_argument(
+        "--dim",
+        action="append",
+        metavar="NAME=INT",
+        help="value of a named dynamic dimension, e.g. --dim batch=8 --dim sequence=128",
+    )
+    group.add_argument(
+        "--default-dim",
+        type=int,
+        default=DEFAULT_DYNAMIC_DIM,
+        metavar="INT",
+        help=f"value of any other dynamic dimension (default: {DEFAULT_DYNAMIC_DIM})",
+    )
+
+
+def shape_spec_from_args(args: argparse.Namespace) -> ShapeSpec:
+    return parse_shape_args(args.shape, args.dim, args.default_dim)
+
+
+def add_spectral_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("spectral analysis (Marchenko–Pastur fit and budgets)")
+    group.add_argument("--alpha", type=float, default=0.25,
+                       help="BEMA window trim: fit on the central [α, 1−α] eigenvalues (default 0.25)")
+    group.add_argument("--beta", type=float, default=1.25,
+                       help="Spectral Edge Budgeting strength β (default 1.25)")
+    group.add_argument("--s-d", dest="s_d", type=float, default=0.70,
+                       help="SEB decay sparsity s_d: budgets fade to uniform as s → s_d (default 0.70)")
+    group.add_argument("--tw", dest="tw_confidence", type=float, default=0.99,
+                       choices=[0.0, 0.90, 0.95, 0.99],
+                       help="Tracy–Widom confidence for counting spikes; 0 = count above plain σ+ (default 0.99)")
+
+
+def analyze_options_from_args(args: argparse.Namespace) -> AnalyzeOptions:
+    """The spectral options shared by ``analyze`` and ``compile``."""
+    return AnalyzeOptions(
+        alpha=args.alpha,
+        beta=args.beta,
+        s_d=args.s_d,
+        tw_confidence=args.tw_confidence or None,
+        annotate=True,
+    )

@@ -1,0 +1,196 @@
+"""Loading and saving models safely: validated input, atomic output, never touch the input.
+
+Why: mpcompile runs as a step in deployment pipelines, where a half-written output or a
+model whose external data silently points at ``/etc/passwd`` is worse than a clear
+failure. Every problem with the input becomes a one-line :class:`MpcompileError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from mpcompile.errors import ExternalDataError, InvalidModelError, UsageError
+from mpcompile.shapes import weightless_copy
+
+__all__ = ["LoadedModel", "load_model", "save_model", "default_output_path", "TWO_GB"]
+
+logger = logging.getLogger(__name__)
+
+TWO_GB = 2**31
+# Above this many bytes of weights a model is written with external data: protobuf cannot
+# serialize a message of 2 GB, and big single files are slow to diff and copy anyway.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+FULL_CHECK_BYTES = 64 * 2**20
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk.
+
+    Attributes:
+        path: the file it came from (resolved).
+        model: the onnx_ir model every pass works on. External tensors are memory-mapped
+            lazily from ``path``'s folder.
+        proto: the ModelProto as parsed, without external data loaded. It shares tensor
+            storage with ``model`` and is kept for ONNX shape inference on the skeleton.
+    """
+
+    path: Path
+    model: ir.Model
+    proto: onnx.ModelProto
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [
+        t
+        for t in external_data_helper._get_all_tensors(proto)
+        if external_data_helper.uses_external_data(t)
+    ]
+
+
+def _validate_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data that escapes the model's folder, is missing, or is truncated."""
+    base = base_dir.resolve()
+    sizes: dict[Path, int] = {}
+    for tensor in _external_tensors(proto):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise ExternalDataError(f"tensor '{tensor.name}' uses external data without a location")
+        if os.path.isabs(location) or Path(location).is_absolute():
+            raise ExternalDataError(
+                f"tensor '{tensor.name}': external data location '{location}' is an absolute path; "
+                "only paths inside the model's folder are allowed"
+            )
+        target = (base / location).resolve()
+        if not target.is_relative_to(base):
+            raise ExternalDataError(
+                f"tensor '{tensor.name}': external data location '{location}' escapes the "
+                f"model's folder {base}"
+            )
+        if target not in sizes:
+            if not target.is_file():
+                raise ExternalDataError(
+                    f"tensor '{tensor.name}': external data file '{location}' not found next to the model"
+                )
+            sizes[target] = target.stat().st_size
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        if length is not None and offset + int(length) > sizes[target]:
+            raise ExternalDataError(
+                f"tensor '{tensor.name}': external data file '{location}' is truncated "
+                f"(needs bytes {offset}..{offset + int(length)}, file has {sizes[target]})"
+            )
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Read and validate an ONNX model; raise a one-line MpcompileError on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidModelError(f"{p}: no such file")
+    if p.is_dir():
+        raise InvalidModelError(f"{p}: is a folder, expected an .onnx file")
+    if p.stat().st_size == 0:
+        raise InvalidModelError(f"{p}: file is empty")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidModelError(
+            f"{p}: not a valid ONNX file (protobuf parse failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from exc
+    except OSError as exc:
+        raise InvalidModelError(f"{p}: cannot read file ({exc.strerror or exc})") from exc
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and not proto.opset_import):
+        raise InvalidModelError(f"{p}: not a valid ONNX file (no graph found; truncated or not ONNX?)")
+    _validate_external_data(proto, p.parent)
+    try:
+        # Structural check only: the weights may be external and are validated above.
+        # Small models are checked whole. Big ones (or external data, validated above) are
+        # checked as a weight-free skeleton: the checker would otherwise serialise every
+        # weight, doubling peak memory on a multi-GB model for no structural information.
+        small = p.stat().st_size <= FULL_CHECK_BYTES and not _external_tensors(proto)
+        onnx.checker.check_model(proto if small else weightless_copy(proto), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise InvalidModelError(f"{p}: ONNX checker rejected the model: {first}") from exc
+    except ValueError as exc:
+        # check_model refuses in-memory protos over 2 GB; those were loaded without external
+        # data so this only happens for truly huge embedded graphs.
+        logger.debug("checker skipped: %s", exc)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx_ir raises a variety of errors on malformed graphs
+        raise InvalidModelError(f"{p}: cannot build the IR: {exc}") from exc
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    return LoadedModel(path=p.resolve(), model=model, proto=proto)
+
+
+def default_output_path(input_path: str | os.PathLike, suffix: str) -> Path:
+    """``model.onnx`` → ``model.<suffix>.onnx`` next to the input."""
+    p = Path(input_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(f"{stem}.{suffix}.onnx")
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+def save_model(
+    model: ir.Model,
+    out_path: str | os.PathLike,
+    *,
+    protect: tuple[str | os.PathLike, ...] = (),
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` atomically to ``out_path`` and return the resolved path.
+
+    The model and (if any) its ``<name>.data`` external file are written into a temporary
+    folder beside the destination and moved into place only once complete, so a crash never
+    leaves a half-written model where a pipeline expects a good one.
+
+    Args:
+        protect: paths that must never be overwritten (the input model and its data).
+        external_data: force external data on/off; default: on above ~1.8 GB of weights.
+    """
+    out = Path(out_path).resolve()
+    for guarded in protect:
+        if Path(guarded).resolve() == out:
+            raise UsageError(f"refusing to overwrite the input model {out}; choose another -o path")
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    use_external = external_data if external_data is not None else _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = out.name + ".data"
+    for guarded in protect:
+        if Path(guarded).resolve() == out.with_name(data_name) and use_external:
+            raise UsageError(f"refusing to overwrite the input's external data {data_name}")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".mpcompile-", dir=out.parent))
+    try:
+        tmp_model = tmp_dir / out.name
+        ir.save(model, tmp_model, external_data=data_name if use_external else None)
+        if use_external:
+            os.replace(tmp_dir / data_name, out.with_name(data_name))
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("wrote %s%s", out, " (+ external data)" if use_external else "")
+    return out
