@@ -1,0 +1,202 @@
+"""``mpcompile compile`` (also plain ``mpcompile model.onnx``): the whole 2:4 pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+from rich.table import Table
+
+from mpcompile.commands._args import (
+    add_shape_args,
+    add_spectral_args,
+    analyze_options_from_args,
+    shape_spec_from_args,
+)
+from mpcompile.console import format_count, progress_callback, stderr_console, stdout_console
+from mpcompile.errors import EXIT_CHECK_FAILED
+from mpcompile.numerics.masks import MASK_METHODS
+from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
+from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
+from mpcompile.report import dumps, write_json
+from mpcompile.selection import ORDERS
+
+__all__ = ["register", "run", "options_from_args", "render_compile_summary"]
+
+EXAMPLES = """\
+examples:
+  mpcompile model.onnx                                  # -> model.sparse.onnx + model.sparse.report.json
+  mpcompile model.onnx --calib calib.npz --method cast  # CAST masks from 256 calibration samples
+  mpcompile model.onnx --target 0.5 -o half.onnx        # 2:4 on half of the eligible GEMM MACs, MP-ranked
+  mpcompile model.onnx --no-permute --method magnitude  # plain magnitude 2:4 (the ASP/ModelOpt baseline)
+
+calibration file: an .npz with one array per model input, named like the input (first axis =
+samples), optionally 'labels' (int) for accuracy; or a folder of <input>.npy files.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compile",
+        help="analyze, choose layers, permute, mask 2:4, check and validate (the default command)",
+        description=(
+            "Rewrite a model's GEMMs and convolutions into TensorRT-legal 2:4 sparsity: MP spectral "
+            "analysis ranks the layers, channel permutations are searched and folded into the "
+            "producers, masks are chosen (CAST with calibration data, magnitude without), the "
+            "written file is re-checked independently and compared with the dense model in ONNX "
+            "Runtime. The input is never modified."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="ONNX model")
+    parser.add_argument("-o", "--output", metavar="OUT.onnx", help="output model (default: MODEL.sparse.onnx)")
+    parser.add_argument("--report", metavar="REPORT.json", help="JSON report (default: OUT.report.json)")
+    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
+    group = parser.add_argument_group("sparsity")
+    group.add_argument("--method", choices=sorted([*MASK_METHODS, *UNSTRUCTURED_METHODS]),
+                       help="mask method (default: cast-obs with --calib, magnitude without); rmt-sv and "
+                            "spectral-sample are the seed papers' unstructured methods (no 2:4 speedup)")
+    group.add_argument("--sparsity", type=float, default=0.5,
+                       help="removed fraction for the unstructured methods (default 0.5)")
+    group.add_argument("--target", type=float, default=1.0,
+                       help="fraction of eligible GEMM MACs to make 2:4, most MP-prunable layers first (default 1.0)")
+    group.add_argument("--max-drift", type=float, metavar="FRACTION",
+                       help="instead of --target: make 2:4 the longest MP-ranked prefix of layers whose "
+                            "relative L2 output drift on calibration data stays within FRACTION")
+    group.add_argument("--order", choices=ORDERS, default="mp",
+                       help="layer order for --target: mp (spectral budget), graph, macs (default mp)")
+    group.add_argument("--exclude", action="append", default=[], metavar="LAYER",
+                       help="keep this layer dense (repeatable; names as printed by analyze)")
+    group.add_argument("--no-permute", dest="permute", action="store_false",
+                       help="skip the input-channel permutation search")
+    group.add_argument("--allow-gather", action="store_true",
+                       help="where a permutation cannot be folded, insert an explicit Gather (reported)")
+    group.add_argument("--perm-time", type=float, default=0.5, metavar="SECONDS",
+                       help="permutation search budget per layer (default 0.5 s)")
+    group.add_argument("--conv", choices=("native", "im2col"), default="native",
+                       help="native: 2:4 conv weights; im2col: lower selected convs to unfold+MatMul")
+    group.add_argument("--fp16", action="store_true", help="emit FP16 weights and compute (LayerNorm/Softmax kept FP32)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--calib", metavar="DATA", help="calibration inputs (.npz or folder of .npy)")
+    data.add_argument("--eval", dest="eval_data", metavar="DATA",
+                      help="evaluation inputs (+ labels) for the dense-vs-sparse comparison (default: calibration data)")
+    data.add_argument("--calib-samples", type=int, default=256, help="use at most this many calibration samples")
+    data.add_argument("--batch-size", type=int, default=32, help="ONNX Runtime batch size (default 32)")
+    data.add_argument("--seed", type=int, default=0, help="seed for synthetic data, row sampling and search")
+    add_shape_args(parser)
+    add_spectral_args(parser)
+    parser.set_defaults(handler=run)
+
+
+def options_from_args(args: argparse.Namespace) -> CompileOptions:
+    return CompileOptions(
+        method=args.method,
+        permute=args.permute,
+        allow_gather=args.allow_gather,
+        perm_time_budget=args.perm_time,
+        target=args.target,
+        max_drift=args.max_drift,
+        sparsity=args.sparsity,
+        order=args.order,
+        exclude=tuple(args.exclude),
+        calib=args.calib,
+        eval_data=args.eval_data,
+        calib_samples=args.calib_samples,
+        batch_size=args.batch_size,
+        conv=args.conv,
+        fp16=args.fp16,
+        output=args.output,
+        seed=args.seed,
+        analyze=analyze_options_from_args(args),
+        shape_spec=shape_spec_from_args(args),
+    )
+
+
+def render_compile_summary(result: CompileResult, console) -> None:
+    table = Table(title=f"2:4 decisions — {result.input_path.name} → {result.output_path.name}", title_justify="left")
+    for column in ("layer", "op", "out×K", "MACs", "2:4", "why", "kept |W|", "spec. err"):
+        table.add_column(column, overflow="fold")
+    masks = {m.layer: m for m in result.masks}
+    spectra = result.spectra()
+    for decision, analysis in zip(result.selection.decisions, result.analysis.result.layers):
+        layer = analysis.layer
+        mask = masks.get(decision.name)
+        spectral = f"{spectra[mask.layer]['relative_spectral_error']:.3f}" if mask is not None else ""
+        table.add_row(
+            layer.name, layer.op_type, f"{layer.out_features}×{layer.reduction}", format_count(decision.macs),
+            "[green]2:4[/]" if decision.sparse else "dense", decision.reason,
+            f"{mask.kept_magnitude_fraction:.3f}" if mask else "", spectral,
+        )
+    console.print(table)
+    sel = result.selection
+    console.print(
+        f"method {result.method}; {len(sel.selected_names)} layers 2:4 = {100 * sel.selected_fraction:.1f}% of "
+        f"eligible GEMM MACs ({format_count(sel.selected_macs)} of {format_count(sel.eligible_macs)}); "
+        f"calibration: {result.calibration_source}"
+    )
+    folded = [p for p in result.permutations if p.folded]
+    if result.permutations:
+        console.print(
+            f"permutations: {len(folded)} folded into producers, "
+            f"{sum(p.gather_inserted for p in result.permutations)} with explicit Gather, "
+            f"{len(result.permutations) - len(folded)} skipped"
+            + "".join(f"\n  skipped {', '.join(p.layers)}: {p.reason}" for p in result.permutations
+                      if not p.folded and not p.gather_inserted)
+        )
+    check = "[green]passed[/]" if result.check_ok else "[red]FAILED[/]"
+    console.print(f"independent 2:4 check: {check}")
+    v = result.validation
+    if v is not None:
+        line = (f"dense vs sparse on {v.samples} samples ({result.eval_source}): cosine {v.cosine_similarity:.4f}, "
+                f"relative L2 drift {v.relative_l2:.4f}, max |Δ| {v.max_abs_error:.3g}")
+        if v.top1_agreement is not None:
+            line += f", top-1 agreement {100 * v.top1_agreement:.1f}%, certified unchanged {v.certified}/{v.samples}"
+        if v.dense_accuracy is not None:
+            line += f", accuracy {100 * v.dense_accuracy:.2f}% → {100 * v.sparse_accuracy:.2f}%"
+        console.print(line)
+    for item in result.speedup:
+        console.print(
+            f"speedup on {item['gpu']} ([bold]modeled[/]): {item['speedup']:.2f}× end to end, "
+            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×"
+        )
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim")
+
+
+def run(args: argparse.Namespace) -> int:
+    err = stderr_console(args.quiet)
+    options = options_from_args(args)
+    factory = partial(_progress, err, enabled=not args.json and not args.quiet)
+    result = compile_model(args.model, options, progress=factory)
+    report = result.to_dict()
+    report_path = args.report or str(result.output_path.with_suffix("")) + ".report.json"
+    write_json(report, report_path)
+    extra = _write_human_reports(report, report_path, result, err)
+    if args.json:
+        sys.stdout.write(dumps(report) + "\n")
+    else:
+        render_compile_summary(result, stdout_console())
+    err.print(f"sparse model: {result.output_path}\nreport: {report_path}{extra}")
+    return 0 if result.check_ok else EXIT_CHECK_FAILED
+
+
+def _write_human_reports(report, report_path: str, result: CompileResult, err) -> str:
+    """Markdown always; HTML with plots when matplotlib is installed (the 'plots' extra)."""
+    from mpcompile.errors import OptionalDependencyError
+    from mpcompile.html_report import render_markdown, write_reports
+    from mpcompile.report import write_text
+
+    stem = report_path[: -len(".json")] if report_path.endswith(".json") else report_path
+    try:
+        md, page = write_reports(report, stem, result.analysis.result.layers)
+        return f", {md}, {page}"
+    except OptionalDependencyError as exc:
+        md = write_text(render_markdown(report), f"{stem}.md")
+        err.print(f"note: no HTML report: {exc}")
+        return f", {md}"
+
+
+def _progress(console, description: str, total: int, *, enabled: bool):
+    return progress_callback(console, description, total, enabled=enabled)

@@ -1,0 +1,539 @@
+"""N:M structured-sparsity masks for one layer: magnitude, CAST, Wanda and SparseGPT-style OBS.
+
+Convention shared by all of mpcompile: a layer weight is ``W[out, K]`` with ``K`` the reduction
+axis *already in TensorRT grouping order* (the caller transposes / reorders conv taps to
+``(kh, kw, Cin)`` first), so an N:M group is simply ``m`` consecutive entries of a row. The
+calibration input of the layer is ``X[rows, K]`` in the same ordering; every method only needs its
+second moment, which :class:`LayerStats` computes once per layer and shares across methods.
+
+Mask rule (all methods): the returned ``mask`` keeps **exactly n** positions in every group of
+``m``. Where the dense row group already has zeros, a kept position may hold a zero, so the
+written weight has *at most* ``n`` nonzeros per group -- exactly the TensorRT rule -- while the
+mask itself always has the same count. Ties are deterministic: equal scores keep the lower index
+of the group; equal CAST costs (dead input channels) are decided by magnitude.
+
+Computation is in float64 (float16 weights would lose the small cost differences that decide
+CAST / OBS choices); the returned weight has the input dtype and dropped entries are exact zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+import numpy as np
+import scipy.linalg
+
+from mpcompile.errors import UnsupportedModelError, UsageError
+
+__all__ = [
+    "LayerStats",
+    "MaskResult",
+    "MaskMethod",
+    "MaskInputError",
+    "MaskUsageError",
+    "MASK_METHODS",
+    "nm_patterns",
+    "nm_mask_magnitude",
+    "magnitude_24",
+    "cast_24",
+    "wanda_24",
+    "sparsegpt_24",
+    "apply_method",
+    "is_nm_sparse",
+    "reconstruction_error",
+    "cast_cost",
+]
+
+logger = logging.getLogger(__name__)
+
+# Float64 temporaries CAST allocates per chunk of rows.
+_CAST_CHUNK_BYTES = 32 * 2**20  # cache-friendly; well under the 256 MB cap
+# Relative tolerance under which two CAST pattern costs count as a tie (then magnitude decides);
+# far above float64 rounding noise of the cost, far below any difference that matters.
+_CAST_TIE_RTOL = 1e-12
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+class MaskInputError(UnsupportedModelError, ValueError):
+    """The weight / statistics cannot be masked as given (shape, dtype, non-finite values)."""
+
+
+class MaskUsageError(UsageError, ValueError):
+    """The mask options are inconsistent (unknown method, bad n:m, bad block size)."""
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStats:
+    """Second moment of a layer's input: the only thing every calibration-aware method needs.
+
+    Kept as ``XᵀX / rows`` rather than the activations so that statistics can be accumulated
+    batch by batch (:meth:`merged`) and memory stays ``K²`` whatever the calibration size.
+    """
+
+    gram: np.ndarray | None
+    rows: int
+
+    @classmethod
+    def from_activations(cls, x: np.ndarray) -> LayerStats:
+        """Leading axes are flattened into rows: ``[B, T, K]`` token activations are fine."""
+        x = np.asarray(x)
+        if x.ndim < 2:
+            raise MaskInputError(f"activations must be at least 2-D [rows, K], got shape {x.shape}")
+        x = x.reshape(-1, x.shape[-1])
+        rows, k = x.shape
+        if rows == 0:
+            raise MaskInputError("activations have no rows: cannot estimate the input covariance")
+        gram = np.zeros((k, k), dtype=np.float64)
+        step = max(1, (64 * 2**20) // (8 * max(k, 1)))  # convert to float64 in ~64 MB slabs
+        for r0 in range(0, rows, step):
+            xs = x[r0 : r0 + step].astype(np.float64, copy=False)
+            gram += xs.T @ xs
+        if not np.all(np.isfinite(gram)):
+            raise MaskInputError("activations contain NaN/Inf (or overflow float64)")
+        return cls(gram=gram / rows, rows=rows)
+
+    @classmethod
+    def data_free(cls) -> LayerStats:
+        return cls(gram=None, rows=0)
+
+    @property
+    def col_sq_norm(self) -> np.ndarray:
+        """``||X_j||² / rows`` per input column (the Wanda statistic, squared)."""
+        if self.gram is None:
+            raise MaskInputError("data-free LayerStats has no column norms")
+        return np.diag(self.gram).copy()
+
+    def merged(self, other: LayerStats) -> LayerStats:
+        """Row-weighted combination, so calibration can be streamed batch by batch."""
+        if self.gram is None:
+            return other
+        if other.gram is None:
+            return self
+        if self.gram.shape != other.gram.shape:
+            raise MaskInputError(
+                f"cannot merge grams of shapes {self.gram.shape} and {other.gram.shape}"
+            )
+        total = self.rows + other.rows
+        gram = (self.gram * self.rows + other.gram * other.rows) / total
+        return LayerStats(gram=gram, rows=total)
+
+
+@dataclass
+class MaskResult:
+    mask: np.ndarray
+    """bool ``[out, K]``, True = kept; exactly ``n`` True per group of ``m``."""
+    weight: np.ndarray
+    """Sparse weight in the input dtype: ``W*mask``, except SparseGPT also updates kept weights."""
+    method: str
+    kept_magnitude_fraction: float
+    """``sum |W|·mask / sum |W|`` on the *dense* weight (1.0 for an all-zero weight)."""
+    calibrated: bool = True
+    """False when a calibration-aware method had no statistics and fell back to magnitude."""
+
+
+class MaskMethod(Protocol):
+    """Every method: ``(w, stats, n, m)`` plus optional method-specific keywords."""
+
+    def __call__(
+        self, w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4
+    ) -> MaskResult: ...
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))):
+        raise MaskUsageError(f"n and m must be integers, got n={n!r}, m={m!r}")
+    if not 0 < n < m:
+        raise MaskUsageError(f"N:M sparsity needs 0 < n < m, got {n}:{m}")
+
+
+def _check_weight(w: np.ndarray, n: int, m: int) -> np.ndarray:
+    _check_nm(n, m)
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise MaskInputError(f"weight must be 2-D [out, K], got shape {w.shape}")
+    if w.dtype.type not in _FLOAT_DTYPES:
+        raise MaskInputError(f"weight dtype {w.dtype} is not float16/float32/float64")
+    if w.shape[1] % m != 0:
+        raise MaskInputError(
+            f"reduction axis K={w.shape[1]} is not a multiple of m={m}: cannot form {n}:{m} groups"
+        )
+    if not np.all(np.isfinite(w)):
+        raise MaskInputError("weight contains NaN/Inf")
+    return w
+
+
+def _gram_of(stats: LayerStats | None, k: int) -> np.ndarray | None:
+    if stats is None or stats.gram is None:
+        return None
+    g = np.asarray(stats.gram, dtype=np.float64)
+    if g.shape != (k, k):
+        raise MaskInputError(f"gram has shape {g.shape}, expected ({k}, {k}) for this weight")
+    return g
+
+
+def _kept_fraction(w: np.ndarray, mask: np.ndarray) -> float:
+    a = np.abs(w.astype(np.float64, copy=False))
+    total = float(a.sum())
+    return 1.0 if total == 0.0 else float(a[mask].sum()) / total
+
+
+def _masked(w: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False)
+
+
+def _result(w: np.ndarray, mask: np.ndarray, method: str, calibrated: bool,
+            weight: np.ndarray | None = None) -> MaskResult:
+    return MaskResult(
+        mask=mask,
+        weight=_masked(w, mask) if weight is None else weight,
+        method=method,
+        kept_magnitude_fraction=_kept_fraction(w, mask),
+        calibrated=calibrated,
+    )
+
+
+# --------------------------------------------------------------------------- generic N:M helpers
+
+
+@lru_cache(maxsize=32)
+def nm_patterns(n: int, m: int) -> np.ndarray:
+    """All keep patterns with ``n`` of ``m`` set, ``[C(m,n), m]`` bool, lexicographic order."""
+    _check_nm(n, m)
+    combos = list(itertools.combinations(range(m), n))
+    table = np.zeros((len(combos), m), dtype=bool)
+    for p, idx in enumerate(combos):
+        table[p, list(idx)] = True
+    table.setflags(write=False)
+    return table
+
+
+def _topn_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep the ``n`` largest scores of each group; ties go to the lower index (stable sort)."""
+    out, k = scores.shape
+    s = scores.reshape(out, k // m, m)
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :n]
+    mask = np.zeros(s.shape, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    return mask.reshape(out, k)
+
+
+def nm_mask_magnitude(w: np.ndarray, n: int = 2, m: int = 4) -> np.ndarray:
+    """Top-``n`` ``|w|`` per group of ``m`` along axis 1."""
+    w = _check_weight(w, n, m)
+    return _topn_mask(np.abs(w.astype(np.float64, copy=False)), n, m)
+
+
+def is_nm_sparse(w: np.ndarray, n: int = 2, m: int = 4) -> bool:
+    """At most ``n`` nonzeros in every group of ``m`` along axis 1 (the TensorRT rule)."""
+    w = np.asarray(w)
+    _check_nm(n, m)
+    if w.ndim != 2 or w.shape[1] % m:
+        return False
+    nnz = (w != 0).reshape(w.shape[0], -1, m).sum(axis=-1)
+    return bool(np.all(nnz <= n))
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _magnitude_result(w: np.ndarray, n: int, m: int, method: str) -> MaskResult:
+    if method != "magnitude":
+        logger.debug("%s: no calibration statistics, using magnitude top-%d of %d", method, n, m)
+    return _result(w, _topn_mask(np.abs(w.astype(np.float64, copy=False)), n, m), method, False)
+
+
+def magnitude_24(
+    w: np.ndarray, stats: LayerStats | None = None, n: int = 2, m: int = 4
+) -> MaskResult:
+    """Data-free baseline; ``stats`` is accepted and ignored so all methods share a signature."""
+    return _magnitude_result(_check_weight(w, n, m), n, m, "magnitude")
+
+
+def _cast_mask(w64: np.ndarray, gram: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Per (row, group) argmin over keep patterns of ``rᵀ C_g r`` (r = dropped part of the row).
+
+    With D = 1 − pattern, cost[p] = Σ_{a≤b} c_ab·D[p,a]·D[p,b] · W_a W_b C_g[a,b] (c_ab = 2 off
+    the diagonal), so per chunk of rows we form the m(m+1)/2 pair products once, slot-major
+    (contiguous [out·G] slabs, ~8x faster than a broadcast [out, G, m, m] tensor), and one
+    ``[P, pairs] @ [pairs, out·G]`` product gives every pattern's cost for every group.
+    """
+    out, k = w64.shape
+    g_count = k // m
+    keep = nm_patterns(n, m)
+    drop = (~keep).astype(np.float64)  # [P, m]
+    n_pat = drop.shape[0]
+    ia, ib = np.triu_indices(m)
+    pair_w = drop[:, ia] * drop[:, ib] * np.where(ia == ib, 1.0, 2.0)  # [P, pairs]
+    idx = np.arange(k).reshape(g_count, m)
+    blocks = gram[idx[:, :, None], idx[:, None, :]]  # [G, m, m]: the diagonal blocks C_g
+    sqrt_diag = np.sqrt(np.clip(np.diag(gram), 0.0, None)).reshape(g_count, m).T  # [m, G]
+
+    per_row = g_count * (len(ia) + 4 * n_pat + 3 * m) * 8
+    chunk = int(max(1, min(out, _CAST_CHUNK_BYTES // max(per_row, 1))))
+    mask = np.empty((out, g_count, m), dtype=bool)
+    for r0 in range(0, out, chunk):
+        ws = np.moveaxis(w64[r0 : r0 + chunk].reshape(-1, g_count, m), -1, 0).copy()  # [m, c, G]
+        c = ws.shape[1]
+        q = np.empty((len(ia), c, g_count))
+        for t, (a, b) in enumerate(zip(ia, ib)):
+            np.multiply(ws[a], ws[b], out=q[t])
+            q[t] *= blocks[:, a, b]
+        cost = (pair_w @ q.reshape(len(ia), -1)).reshape(n_pat, c, g_count)
+        # Near-ties (dead input channels, whose dropping is free; an all-zero gram) are broken by
+        # dropped |w|², so CAST degrades to magnitude rather than to an arbitrary pattern. The
+        # tolerance scales with a Cauchy-Schwarz bound on |cost| for the group: float noise only.
+        bound = np.square((np.abs(ws) * sqrt_diag[:, None, :]).sum(axis=0))  # [c, G]
+        near = cost <= cost.min(axis=0) + _CAST_TIE_RTOL * bound
+        mag_drop = (drop @ (ws * ws).reshape(m, -1)).reshape(n_pat, c, g_count)
+        choice = np.argmin(np.where(near, mag_drop, np.inf), axis=0)  # [c, G]
+        mask[r0 : r0 + c] = keep[choice]
+    return mask.reshape(out, k)
+
+
+def cast_24(w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4) -> MaskResult:
+    """CAST (seed 001): minimise each group's calibration-averaged dropped output energy.
+
+    Exhaustive over the C(m, n) patterns (6 for 2:4); without calibration it is magnitude top-n,
+    as in the paper's code.
+    """
+    w = _check_weight(w, n, m)
+    gram = _gram_of(stats, w.shape[1])
+    if gram is None:
+        return _magnitude_result(w, n, m, "cast")
+    t0 = time.perf_counter()
+    mask = _cast_mask(w.astype(np.float64), gram, n, m)
+    logger.debug("cast %s %d:%d in %.3f s", w.shape, n, m, time.perf_counter() - t0)
+    return _result(w, mask, "cast", True)
+
+
+def wanda_24(w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4) -> MaskResult:
+    """Wanda (Sun et al. 2023): score ``|W_ij|·||X_j||``, top-n within each row's N:M group."""
+    w = _check_weight(w, n, m)
+    gram = _gram_of(stats, w.shape[1])
+    if gram is None:
+        return _magnitude_result(w, n, m, "wanda")
+    col_norm = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    scores = np.abs(w.astype(np.float64, copy=False)) * col_norm[None, :]
+    return _result(w, _topn_mask(scores, n, m), "wanda", True)
+
+
+def _hinv_upper(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Upper Cholesky factor of ``(G + λI)⁻¹`` with SparseGPT's dead-column handling.
+
+    Returns ``(U, dead)``. Dead columns (zero input variance) get H_jj = 1 so H stays invertible;
+    their weights do not affect the output and are zeroed by the caller. The damping is raised
+    tenfold (up to four times) if the factorisation still fails, e.g. on a rank-deficient gram.
+    """
+    h = gram.copy()
+    dead = np.diag(h) <= 0.0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    k = h.shape[0]
+    mean_diag = float(np.mean(np.diag(h)))
+    lam = damp * mean_diag
+    for attempt in range(5):
+        try:
+            hd = h + lam * np.eye(k)
+            c, low = scipy.linalg.cho_factor(hd, lower=True, check_finite=False)
+            hinv = scipy.linalg.cho_solve((c, low), np.eye(k), check_finite=False)
+            u = scipy.linalg.cholesky((hinv + hinv.T) * 0.5, lower=False, check_finite=False)
+            return u, dead
+        except np.linalg.LinAlgError:
+            new = max(lam * 10.0, 1e-8 * max(mean_diag, 1e-300))
+            logger.warning(
+                "sparsegpt: Hessian not positive definite (damp %.3g), retrying with %.3g", lam, new
+            )
+            lam = new
+    raise MaskInputError("sparsegpt: calibration Hessian is not positive definite, even damped")
+
+
+def sparsegpt_24(
+    w: np.ndarray,
+    stats: LayerStats | None,
+    n: int = 2,
+    m: int = 4,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    joint: bool = False,
+) -> MaskResult:
+    """SparseGPT (Frantar & Alistarh 2023) N:M: OBS mask per group, error fed to later columns.
+
+    Follows the reference ``SparseGPT.fasterprune``: H = XᵀX/rows + damp·mean(diag H)·I, U =
+    chol(H⁻¹) upper, lazy column blocks; at each group start the ``m−n`` entries with the
+    smallest ``w²/U_jj²`` are pruned, and every pruned column's error ``(w−q)/U_jj`` is spread
+    over the remaining columns through row ``j`` of U. Kept weights therefore change.
+    """
+    w = _check_weight(w, n, m)
+    if blocksize <= 0 or blocksize % m:
+        raise MaskUsageError(
+            f"sparsegpt blocksize must be a positive multiple of m={m}, got {blocksize}"
+        )
+    if damp < 0:
+        raise MaskUsageError(f"sparsegpt damp must be >= 0, got {damp}")
+    gram = _gram_of(stats, w.shape[1])
+    if gram is None:
+        # With H = I the OBS saliency is w² and no error propagates: exactly magnitude.
+        return _magnitude_result(w, n, m, "cast-obs" if joint else "sparsegpt")
+
+    t0 = time.perf_counter()
+    out, k = w.shape
+    hinv, dead = _hinv_upper(gram, damp)
+    hinv_t = np.ascontiguousarray(hinv.T)  # slices of a transposed view miss BLAS (~50x slower)
+    # Work on Wᵀ [K, out]: the sweep runs over K, so each column becomes a contiguous slab
+    # (column access on the row-major weight was the dominant cost).
+    wt = w.astype(np.float64).T.copy()
+    wt[dead, :] = 0.0
+    keep_t = np.ones((k, out), dtype=bool)
+    n_prune = m - n
+    cols = np.arange(out)[None, :]
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = wt[i1:i2].copy()
+        h1 = hinv[i1:i2, i1:i2]
+        d1 = np.diag(h1)
+        err1 = np.zeros_like(w1)
+        # Lazy updates one level further than the reference: a group's error reaches the rest of
+        # the block in one [rest, m] @ [m, out] product. Same arithmetic, since the mask of a
+        # group is chosen only after every earlier column's error has been folded into it.
+        for g0 in range(0, i2 - i1, m):
+            g1 = g0 + m
+            if joint:
+                keep_t[i1 + g0 : i1 + g1] = _joint_obs_keep(w1[g0:g1], h1[g0:g1, g0:g1], n, m)
+            else:
+                sal = w1[g0:g1] ** 2 / (d1[g0:g1] ** 2)[:, None]
+                # prune the (m-n) least salient; stable sort => ties prune the lower index first
+                drop = np.argsort(sal, axis=0, kind="stable")[:n_prune]
+                keep_t[i1 + g0 + drop, cols] = False
+            for i in range(g0, g1):
+                row = w1[i]
+                q = np.where(keep_t[i1 + i], row, 0.0)
+                e = (row - q) / d1[i]
+                if i + 1 < g1:
+                    w1[i + 1 : g1] -= h1[i, i + 1 : g1, None] * e[None, :]
+                w1[i] = q  # exact zero where pruned
+                err1[i] = e
+            if g1 < i2 - i1:
+                w1[g1:] -= hinv_t[i1 + g1 : i2, i1 + g0 : i1 + g1] @ err1[g0:g1]
+        wt[i1:i2] = w1
+        if i2 < k:
+            wt[i2:] -= hinv_t[i2:, i1:i2] @ err1
+    keep = np.ascontiguousarray(keep_t.T)
+    wk = np.ascontiguousarray(wt.T)
+    wk[~keep] = 0.0
+    if w.dtype != np.float64:
+        fmax = float(np.finfo(w.dtype).max)
+        if np.abs(wk).max(initial=0.0) > fmax:
+            logger.warning("sparsegpt: updated weights exceed %s range; clipping", w.dtype)
+            np.clip(wk, -fmax, fmax, out=wk)
+    out_w = wk.astype(w.dtype)
+    out_w[~keep] = 0  # float16 rounding cannot resurrect a dropped entry, but be explicit
+    logger.debug("sparsegpt %s %d:%d in %.3f s", w.shape, n, m, time.perf_counter() - t0)
+    return _result(w, keep, "cast-obs" if joint else "sparsegpt", True, weight=out_w)
+
+
+def _joint_obs_keep(wg: np.ndarray, u_group: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Exact best keep pattern per output for one group under OBS with compensation.
+
+    After the earlier columns are eliminated, the inverse Hessian restricted to the group is
+    ``UgᵀUg`` (``Ug`` the group's block of the upper Cholesky factor of H⁻¹). Pruning the set
+    S jointly, with the remaining weights re-fitted, costs ``w_Sᵀ [(H⁻¹)_SS]⁻¹ w_S``; every
+    one of the C(m, n) patterns is evaluated, which is CAST's exhaustive choice made on the
+    conditional (already compensated) covariance instead of the raw one. The compensation
+    that follows is SparseGPT's forward-only update, so kept weights before a pruned one in
+    the group are not re-fitted: the chosen pattern is exact, the update a good approximation.
+    """
+    hinv_g = u_group.T @ u_group
+    patterns = nm_patterns(n, m)  # [P, m] keep
+    costs = np.empty((patterns.shape[0], wg.shape[1]))
+    for index, keep in enumerate(patterns):
+        pruned = np.flatnonzero(~keep)
+        block = hinv_g[np.ix_(pruned, pruned)]
+        w_s = wg[pruned]
+        costs[index] = np.einsum("io,ij,jo->o", w_s, np.linalg.inv(block), w_s)
+    best = np.argmin(costs, axis=0)
+    return patterns[best].T
+
+
+def cast_obs_24(
+    w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4, damp: float = 0.01, blocksize: int = 128
+) -> MaskResult:
+    """CAST's exhaustive pattern choice with SparseGPT-style OBS compensation of kept weights.
+
+    Per group, the pattern minimising the *joint* OBS cost (given every earlier column's
+    error already folded in) is chosen, then the pruned weights' error is spread over the
+    remaining columns. Without calibration data it is magnitude 2:4.
+    """
+    return sparsegpt_24(w, stats, n=n, m=m, damp=damp, blocksize=blocksize, joint=True)
+
+
+MASK_METHODS: dict[str, MaskMethod] = {
+    "magnitude": magnitude_24,
+    "cast": cast_24,
+    "wanda": wanda_24,
+    "sparsegpt": sparsegpt_24,
+    "cast-obs": cast_obs_24,
+}
+
+
+def apply_method(
+    name: str, w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4, **kw: object
+) -> MaskResult:
+    """Dispatch by name so the pipeline / CLI can take the method as a string option."""
+    try:
+        fn = MASK_METHODS[name]
+    except KeyError:
+        raise MaskUsageError(
+            f"unknown mask method {name!r}; choose one of {', '.join(sorted(MASK_METHODS))}"
+        ) from None
+    return fn(w, stats, n=n, m=m, **kw)
+
+
+# --------------------------------------------------------------------------- quality measures
+
+
+def reconstruction_error(
+    w_dense: np.ndarray, w_sparse: np.ndarray, stats: LayerStats | None
+) -> float:
+    """Relative output MSE on calibration: ``tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)``.
+
+    Data-free (no gram) it is the relative squared Frobenius error, i.e. G = I.
+    """
+    wd = np.asarray(w_dense, dtype=np.float64)
+    ws = np.asarray(w_sparse, dtype=np.float64)
+    if wd.shape != ws.shape or wd.ndim != 2:
+        raise MaskInputError(f"weights must be 2-D and equal-shaped, got {wd.shape} and {ws.shape}")
+    delta = wd - ws
+    gram = _gram_of(stats, wd.shape[1])
+    if gram is None:
+        num, den = float(np.sum(delta * delta)), float(np.sum(wd * wd))
+    else:
+        num = float(np.sum((delta @ gram) * delta))
+        den = float(np.sum((wd @ gram) * wd))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def cast_cost(w: np.ndarray, mask: np.ndarray, stats: LayerStats | None, m: int = 4) -> float:
+    """Σ over rows and groups of ``rᵀ C_g r``, r = dropped part: the proxy CAST minimises."""
+    w64 = np.asarray(w, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if w64.ndim != 2 or mask.shape != w64.shape or w64.shape[1] % m:
+        raise MaskInputError(f"weight {w64.shape} / mask {mask.shape} do not form groups of {m}")
+    out, k = w64.shape
+    r = np.where(mask, 0.0, w64).reshape(out, k // m, m)
+    gram = _gram_of(stats, k)
+    if gram is None:
+        return float(np.sum(r * r))
+    idx = np.arange(k).reshape(k // m, m)
+    blocks = gram[idx[:, :, None], idx[:, None, :]]
+    return float(np.einsum("iga,gab,igb->", r, blocks, r, optimize=True))

@@ -1,0 +1,461 @@
+"""The compile pipeline: analyze → select → calibrate → permute → mask → emit → check → validate.
+
+Each stage is library code that can run alone; this module only sequences them and
+collects what the report needs. Stages that need data use the user's calibration set, or a
+synthetic one that every report names as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from mpcompile.analyze import Analysis, AnalyzeOptions, analyze_loaded
+from mpcompile.calibration import CalibrationData, capture_layer_stats, load_calibration, run_model, synthetic_inputs
+from mpcompile.errors import UnsupportedModelError, UsageError
+from mpcompile.model_io import default_output_path, load_model, save_model
+from mpcompile.numerics.masks import MASK_METHODS, LayerStats
+from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms
+from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
+from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask, restore_dense, write_matrix
+from mpcompile.selection import Selection, select_layers
+from mpcompile.shapes import ShapeSpec
+from mpcompile.validate import OutputComparison, compare_outputs, relative_drift
+
+__all__ = ["CompileOptions", "CompileResult", "compile_model", "ProgressFactory"]
+
+logger = logging.getLogger(__name__)
+
+DATA_METHODS = {"cast", "cast-obs", "wanda", "sparsegpt"}
+# (description, total) -> context manager yielding advance(label)
+ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[str], None]]]
+
+
+def _no_progress(_description: str, _total: int) -> AbstractContextManager[Callable[[str], None]]:
+    return nullcontext(lambda _label: None)
+
+
+@dataclass
+class CompileOptions:
+    """Options of ``mpcompile compile`` (see its ``--help``)."""
+
+    method: str | None = None  # default: cast-obs with calibration data, magnitude without
+    permute: bool = True
+    allow_gather: bool = False
+    perm_time_budget: float = 0.5
+    target: float = 1.0
+    max_drift: float | None = None
+    sparsity: float = 0.5  # overall removed fraction for the unstructured methods (rmt-sv, spectral-sample)
+    order: str = "mp"
+    exclude: tuple[str, ...] = ()
+    calib: str | None = None
+    eval_data: str | None = None
+    calib_samples: int = 256
+    synthetic_samples: int = 16
+    batch_size: int = 32
+    conv: str = "native"
+    fp16: bool = False
+    output: str | None = None
+    seed: int = 0
+    analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
+    shape_spec: ShapeSpec = field(default_factory=ShapeSpec)
+
+
+@dataclass
+class PermutationRecord:
+    layers: list[str]
+    folded: bool
+    reason: str
+    efficacy: float | None = None
+    kept_before: float | None = None
+    kept_after: float | None = None
+    gather_inserted: bool = False
+
+
+@dataclass
+class CompileResult:
+    input_path: Path
+    output_path: Path
+    analysis: Analysis
+    selection: Selection
+    method: str
+    calibration_source: str
+    masks: list[LayerMask]
+    permutations: list[PermutationRecord]
+    check_ok: bool
+    check: Any
+    validation: OutputComparison | None
+    eval_source: str | None
+    seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    speedup: list[dict[str, Any]] = field(default_factory=list)
+    _spectra: dict[str, dict[str, float | int]] | None = field(default=None, repr=False)
+
+    def spectra(self) -> dict[str, dict[str, float | int]]:
+        """Spectrum preservation per masked layer (computed once, shared by report and table)."""
+        if self._spectra is None:
+            self._spectra = {m.layer: spectrum_change(m.dense, m.sparse) for m in self.masks}
+        return self._spectra
+
+    def to_dict(self) -> dict[str, Any]:
+        from mpcompile.report import report_header
+
+        masks = {m.layer: m for m in self.masks}
+        spectra = self.spectra()
+        layers = []
+        for decision, analysis in zip(self.selection.decisions, self.analysis.result.layers):
+            record = analysis.to_dict()
+            record["sparse"] = decision.sparse
+            record["decision"] = decision.reason
+            mask = masks.get(decision.name)
+            if mask is not None:
+                record["method"] = mask.method
+                record["calibrated"] = mask.calibrated
+                record["kept_magnitude_fraction"] = mask.kept_magnitude_fraction
+                record["spectrum"] = spectra[mask.layer]
+            layers.append(record)
+        return report_header(
+            "compile",
+            self.input_path,
+            output={"path": str(self.output_path)},
+            shapes=self.analysis.shape_spec.describe(),
+            method=self.method,
+            calibration=self.calibration_source,
+            evaluation=self.eval_source,
+            selection={
+                "order": self.selection.order,
+                "target": self.selection.target,
+                "eligible_macs": self.selection.eligible_macs,
+                "sparse_macs": self.selection.selected_macs,
+                "sparse_fraction_of_eligible": self.selection.selected_fraction,
+                "sparse_layers": len(self.selection.selected_names),
+            },
+            check={"ok": self.check_ok, **(self.check.to_dict() if self.check is not None else {})},
+            validation=self.validation.to_dict() if self.validation else None,
+            permutations=[vars(p) for p in self.permutations],
+            speedup=self.speedup,
+            seconds=self.seconds,
+            notes=self.notes,
+            summary=self.analysis.result.summary(),
+            layers=layers,
+        )
+
+
+def spectrum_change(dense: np.ndarray, sparse: np.ndarray, top_k: int = 8) -> dict[str, float | int]:
+    """Seed 003: relative spectral / Frobenius error and how many top singular values stay within 5 %.
+
+    Singular values come from the Gram eigenvalues of the smaller side (no singular vectors
+    are needed), which is several times cheaper than an SVD on large layers.
+    """
+    from mpcompile.numerics.mp_law import matrix_eigenvalues
+
+    d = dense.astype(np.float32)
+    diff = d - sparse.astype(np.float32)
+    sd = np.sqrt(matrix_eigenvalues(d))[::-1]
+    ss = np.sqrt(matrix_eigenvalues(sparse.astype(np.float32)))[::-1]
+    spectral_diff = float(np.sqrt(matrix_eigenvalues(diff)[-1]))
+    k = min(top_k, sd.size)
+    within = int(np.sum(np.abs(ss[:k] - sd[:k]) <= 0.05 * np.maximum(sd[:k], 1e-12)))
+    return {
+        "relative_spectral_error": spectral_diff / max(float(sd[0]), 1e-12),
+        "relative_frobenius_error": float(np.linalg.norm(diff) / max(np.linalg.norm(d), 1e-12)),
+        "top_k": k,
+        "top_k_within_5pct": within,
+    }
+
+
+def _resolve_method(options: CompileOptions, has_data: bool) -> str:
+    method = options.method or ("cast-obs" if has_data else "magnitude")
+    if method not in MASK_METHODS and method not in UNSTRUCTURED_METHODS:
+        raise UsageError(
+            f"--method must be one of {sorted([*MASK_METHODS, *UNSTRUCTURED_METHODS])}, got {method!r}"
+        )
+    return method
+
+
+def _load_data(options: CompileOptions, model: ir.Model) -> tuple[CalibrationData, bool]:
+    if options.calib:
+        return load_calibration(options.calib, model, limit=options.calib_samples), True
+    return synthetic_inputs(model, options.shape_spec, options.synthetic_samples, options.seed), False
+
+
+def compile_model(
+    path: str | os.PathLike,
+    options: CompileOptions | None = None,
+    progress: ProgressFactory = _no_progress,
+) -> CompileResult:
+    """Run the whole pipeline on ``path`` and write the sparse model (never over the input)."""
+    opts = options or CompileOptions()
+    if opts.conv not in ("native", "im2col"):
+        raise UsageError(f"--conv must be 'native' or 'im2col', got {opts.conv!r}")
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    loaded = load_model(path)
+    out_path = Path(opts.output) if opts.output else default_output_path(loaded.path, "sparse")
+    if out_path.resolve() == loaded.path:
+        raise UsageError(f"refusing to overwrite the input model {loaded.path}; choose another -o path")
+
+    layers_total = len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
+    with progress("MP fit", layers_total) as advance:
+        analysis = analyze_loaded(loaded, opts.shape_spec, opts.analyze, advance)
+    timings["analyze"] = time.perf_counter() - t0
+
+    data, from_user = _load_data(opts, loaded.model)
+    eval_data, eval_source = data, data.source
+    if opts.eval_data:
+        eval_data = load_calibration(opts.eval_data, loaded.model)
+        eval_source = f"file:{opts.eval_data}"
+    # Dense reference outputs now, before any rewrite: cheaper than keeping a copy of the model.
+    t = time.perf_counter()
+    dense_eval_out = run_model(loaded.model, eval_data, opts.batch_size)[0]
+    dense_calib_out = (
+        dense_eval_out if eval_data is data
+        else run_model(loaded.model, data, opts.batch_size)[0] if opts.max_drift is not None else None
+    )
+    timings["validate"] = time.perf_counter() - t
+    method = _resolve_method(opts, from_user or opts.method in DATA_METHODS)
+    if not from_user:
+        notes.append(f"no --calib given: calibration and validation use {data.source}")
+
+    target = 1.0 if opts.max_drift is not None else opts.target
+    selection = select_layers(analysis.result, target=target, order=opts.order, exclude=set(opts.exclude))
+    if not selection.selected_names and opts.target > 0:
+        raise UnsupportedModelError("no layer is eligible for 2:4 (see `mpcompile analyze` for the reasons)")
+    model = loaded.model
+    layers = {a.layer.node: a.layer for a in analysis.result.layers}
+    selected = [a.layer for a in analysis.result.layers if a.name in set(selection.selected_names)]
+
+    unstructured = method in UNSTRUCTURED_METHODS
+    if unstructured and (opts.max_drift is not None or opts.conv == "im2col"):
+        raise UsageError(f"--method {method} is unstructured: --max-drift and --conv im2col apply to 2:4 only")
+    t = time.perf_counter()
+    stats_by_node: dict[ir.Node, LayerStats] = {}
+    # Statistics only matter to data-aware masks (and to judging permutations under them);
+    # magnitude permutations score |W| alone, so no capture pass is spent for them.
+    if not unstructured and method in DATA_METHODS:
+        with progress("calibration", len(selected)) as advance:
+            stats = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8), seed=opts.seed,
+                                        progress=advance)
+        stats_by_node = {layer.node: stats[layer.name] for layer in selected}
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    permutations: list[PermutationRecord] = []
+    if opts.permute and not unstructured:
+        permutations = _permute(model, selected, list(layers.values()), stats_by_node, method, opts, progress)
+        # folds may create new initializers: rediscover so every layer reads the current weights
+        rediscovered = {layer.node: layer for layer in discover_gemms(model, analysis.shapes)}
+        selected = [rediscovered[layer.node] for layer in selected]
+    timings["permute"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stats_by_name = {layer.name: stats_by_node[layer.node] for layer in selected if layer.node in stats_by_node}
+    with progress(f"{method} masks", len(selected)) as advance:
+        if unstructured:
+            fits = {a.name: a.fit for a in analysis.result.layers if a.fit is not None}
+            sparsify = ApplyUnstructuredPruningPass(selected, method=method, sparsity=opts.sparsity, fits=fits,
+                                                    progress=advance)
+            notes.append(f"{method} is unstructured ({100 * opts.sparsity:.0f}% of entries removed): "
+                         "no 2:4 kernel runs it, no speedup is modeled")
+        else:
+            sparsify = Apply24SparsityPass(selected, method=method,
+                                           stats=stats_by_name if method in DATA_METHODS else None, progress=advance)
+        sparsify(model)
+    timings["mask"] = time.perf_counter() - t
+
+    masks = sparsify.results
+    if opts.max_drift is not None:
+        t = time.perf_counter()
+        masks = _fit_drift_budget(model, dense_calib_out, selected, masks, selection, data, opts, notes)
+        timings["drift_search"] = time.perf_counter() - t
+
+    if opts.conv == "im2col":
+        from mpcompile.passes.im2col_lowering import LowerConvToIm2colPass
+
+        LowerConvToIm2colPass([layer.node for layer in selected if layer.op_type == "Conv"])(model)
+    if opts.fp16:
+        from mpcompile.passes.fp16 import ConvertToFloat16Pass
+
+        ConvertToFloat16Pass()(model)
+
+    t = time.perf_counter()
+    written = save_model(model, out_path, protect=(loaded.path,))
+    timings["write"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from mpcompile.checker import check_model
+
+    check = check_model(written)
+    timings["check"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sparse_out = run_model(model, eval_data, opts.batch_size)[0]
+    validation = compare_outputs(dense_eval_out, sparse_out, eval_data.used_labels)
+    timings["validate"] += time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    from mpcompile.speedup import modeled_speedups
+
+    speedup = [] if unstructured else modeled_speedups(analysis.result.layers, set(selection.selected_names))
+    if speedup:
+        notes.append(
+            "speedups are modeled (roofline from datasheet throughput, at the analysed shapes: "
+            f"{analysis.shape_spec.describe()}); measure with `mpcompile build` on a GPU"
+        )
+    return CompileResult(
+        input_path=loaded.path,
+        output_path=written,
+        analysis=analysis,
+        selection=selection,
+        method=method,
+        calibration_source=data.source,
+        masks=masks,
+        permutations=permutations,
+        check_ok=check.ok,
+        check=check,
+        validation=validation,
+        eval_source=eval_source,
+        seconds={k: round(v, 3) for k, v in timings.items()},
+        notes=notes,
+        speedup=speedup,
+    )
+
+
+def _scores(layer: GemmLayer, stats: LayerStats | None, method: str) -> np.ndarray:
+    """Per-entry importance on the ``[rows, Cin]`` channel view the permutation acts on."""
+    w = np.abs(layer.matrix().astype(np.float64))
+    if stats is not None and stats.gram is not None and method in DATA_METHODS:
+        w = w * np.sqrt(np.maximum(np.diag(stats.gram), 0.0))[None, :]
+    cin = layer.in_channels
+    return w.reshape(-1, cin) if layer.op_type == "Conv" else w
+
+
+def _output_error_gain(consumers, perm, stats_by_node, method) -> float | None:
+    """Relative drop of the consumers' calibration output error if ``perm`` is applied.
+
+    The search maximises kept importance, a proxy; what matters is the layer's output error
+    under the chosen mask method, so a permutation is only applied when it lowers that.
+    None when there are no statistics to judge by (data-free: the proxy is all we have).
+    """
+    from mpcompile.numerics.masks import apply_method, reconstruction_error
+
+    before = after = 0.0
+    for consumer in consumers:
+        stats = stats_by_node.get(consumer.node)
+        if stats is None or stats.gram is None or method not in DATA_METHODS:
+            return None
+        w = consumer.matrix()
+        kperm = _k_permutation(consumer, perm)
+        permuted = LayerStats(gram=stats.gram[np.ix_(kperm, kperm)], rows=stats.rows)
+        before += reconstruction_error(w, apply_method(method, w, stats).weight, stats)
+        after += reconstruction_error(w[:, kperm], apply_method(method, w[:, kperm], permuted).weight, permuted)
+    return (before - after) / before if before > 0 else 0.0
+
+
+def _k_permutation(layer: GemmLayer, perm: np.ndarray) -> np.ndarray:
+    """Lift a Cin permutation to the full reduction axis ``(kh, kw, Cin)``."""
+    if layer.op_type != "Conv":
+        return perm
+    positions = layer.reduction // layer.in_channels
+    return (np.arange(positions)[:, None] * layer.in_channels + perm[None, :]).ravel()
+
+
+def _permute(model, selected, all_layers, stats_by_node, method, opts, progress) -> list[PermutationRecord]:
+    from mpcompile.numerics.permutation import search_permutation
+    from mpcompile.passes.permute_channels import apply_fold, insert_gather, plan_fold
+
+    records: list[PermutationRecord] = []
+    done: set[ir.Node] = set()
+    selected_nodes = {layer.node for layer in selected}
+    with progress("channel permutation", len(selected)) as advance:
+        for layer in selected:
+            if layer.node in done:
+                continue
+            plan = plan_fold(model, layer, all_layers)
+            consumers = plan.consumers or [layer]
+            names = [c.name for c in consumers]
+            done.update(c.node for c in consumers)
+            advance(layer.name)
+            if any(c.node not in selected_nodes for c in consumers):
+                records.append(PermutationRecord(names, False, "siblings reading the same tensor are not all selected"))
+                continue
+            if not plan.foldable and not opts.allow_gather:
+                records.append(PermutationRecord(names, False, plan.reason))
+                continue
+            scores = np.concatenate([_scores(c, stats_by_node.get(c.node), method) for c in consumers])
+            found = search_permutation(scores, time_budget_s=opts.perm_time_budget, seed=opts.seed)
+            record = PermutationRecord(names, False, "", found.efficacy, found.kept_before, found.kept_after)
+            if found.kept_after <= found.kept_before + 1e-12:
+                record.reason = "no permutation keeps more than identity"
+                records.append(record)
+                continue
+            perm = np.asarray(found.perm)
+            gain = _output_error_gain(consumers, perm, stats_by_node, method)
+            if gain is not None and gain <= 0.0:
+                record.reason = f"kept more |W| but did not lower the {method} output error ({gain:+.2%}); not applied"
+                records.append(record)
+                continue
+            if plan.foldable:
+                apply_fold(model, plan, perm)
+                record.folded, record.reason = True, "folded into producer"
+            else:
+                insert_gather(model, plan, perm)
+                record.gather_inserted, record.reason = True, f"explicit Gather inserted ({plan.reason})"
+            for consumer in consumers:
+                stats = stats_by_node.get(consumer.node)
+                if stats is not None and stats.gram is not None:
+                    kperm = _k_permutation(consumer, perm)
+                    stats_by_node[consumer.node] = LayerStats(gram=stats.gram[np.ix_(kperm, kperm)], rows=stats.rows)
+            records.append(record)
+    return records
+
+
+
+def _fit_drift_budget(model, dense_out, selected, masks, selection, data, opts, notes) -> list[LayerMask]:
+    """Largest prefix of the ranked layers whose output drift stays within ``--max-drift``.
+
+    Masks were computed once for every candidate; each probe only swaps weights between their
+    dense and sparse versions, so the search costs ~log2(L) ONNX Runtime passes.
+    """
+    by_name = {layer.name: layer for layer in selected}
+    ranked = [m for name in selection.selected_names for m in masks if m.layer == name]
+    groups = {m.layer: [layer for layer in selected if layer.weight.root is by_name[m.layer].weight.root] for m in ranked}
+
+    def drift_with(count: int) -> float:
+        for index, mask in enumerate(ranked):
+            write_matrix(by_name[mask.layer], mask.sparse if index < count else mask.dense)
+        return relative_drift(dense_out, run_model(model, data, opts.batch_size)[0])
+
+    lo, hi = 0, len(ranked)  # invariant: drift(lo) <= budget (lo = 0 is dense)
+    if drift_with(hi) <= opts.max_drift:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if drift_with(mid) <= opts.max_drift:
+            lo = mid
+        else:
+            hi = mid
+    kept = ranked[:lo]
+    for index, mask in enumerate(ranked):
+        if index < lo:
+            write_matrix(by_name[mask.layer], mask.sparse)
+        else:
+            restore_dense(groups[mask.layer], mask.dense)
+    dropped = {layer.name for mask in ranked[lo:] for layer in groups[mask.layer]}
+    for decision in selection.decisions:
+        if decision.name in dropped:
+            decision.sparse = False
+            decision.reason = f"kept dense: adding it exceeds --max-drift {opts.max_drift}"
+    selection.selected_macs = sum(d.macs for d in selection.decisions if d.sparse)
+    notes.append(f"--max-drift {opts.max_drift}: {lo} of {len(ranked)} ranked weights made 2:4 "
+                 f"(relative L2 drift on calibration data)")
+    return kept

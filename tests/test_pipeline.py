@@ -1,0 +1,219 @@
+"""The compile pipeline end to end on small torch-exported models (no bundled data needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from mpcompile.analyze import analyze_model
+from mpcompile.checker import check_model
+from mpcompile.cli import main
+from mpcompile.model_io import load_model
+from mpcompile.passes.gemm_discovery import discover_gemms
+from mpcompile.passes.sparsify_24 import matrix_to_stored
+from mpcompile.pipeline import CompileOptions, compile_model
+from mpcompile.selection import select_layers
+from mpcompile.validate import compare_outputs
+
+torch = pytest.importorskip("torch")
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.c3 = torch.nn.Conv2d(32, 32, 1)
+        self.fc1 = torch.nn.Linear(32, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc2(torch.relu(self.fc1(h.mean(dim=(2, 3)))))
+
+
+@pytest.fixture
+def small_net(export):
+    return export(SmallNet(), (torch.randn(2, 3, 8, 8),), dynamo=False)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_matrix_to_stored_inverts_every_layout(export, dynamo):
+    path = export(SmallNet(), (torch.randn(2, 3, 8, 8),), dynamo=dynamo)
+    for layer in discover_gemms(load_model(path).model):
+        stored = layer.weight.stored_array()
+        np.testing.assert_array_equal(matrix_to_stored(layer.matrix(), layer, stored.shape), stored)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "cast", "wanda", "sparsegpt"])
+def test_compile_writes_legal_24_and_keeps_input(small_net, tmp_path, method):
+    before = hashlib.sha256(small_net.read_bytes()).hexdigest()
+    out = tmp_path / f"{method}.onnx"
+    result = compile_model(small_net, CompileOptions(method=method, permute=False, output=str(out)))
+    assert hashlib.sha256(small_net.read_bytes()).hexdigest() == before
+    assert result.check_ok
+    check = check_model(out)
+    marked = {c.node for c in check.layers if c.marked}
+    assert len(marked) == 3  # c1 has Cin=3 and fc2 only 10 outputs: both stay dense
+    assert all(c.legal for c in check.layers if c.marked)
+    # every marked weight keeps at most half its entries (SparseGPT may zero dead inputs too)
+    for c in check.layers:
+        if c.marked:
+            assert c.density <= 0.5 + 1e-9
+            if method != "sparsegpt":
+                assert c.density == pytest.approx(0.5, abs=0.02)
+    v = result.validation
+    assert v.samples == 16 and 0.0 < v.relative_l2 < 1.0
+    report = result.to_dict()
+    json.dumps(report)
+    assert report["selection"]["sparse_layers"] == 3
+
+
+def test_target_selects_fraction_of_macs_in_mp_order(small_net):
+    analysis = analyze_model(small_net)
+    result = analysis.result
+    half = select_layers(result, target=0.5)
+    ranked = sorted((a for a in result.layers if a.layer.eligible), key=lambda a: a.prune_rank)
+    # the chosen layers are a prefix of the MP ranking and cover ≥ 50 % of eligible MACs
+    chosen = set(half.selected_names)
+    prefix = [a.name for a in ranked][: len(chosen)]
+    assert chosen == set(prefix)
+    assert half.selected_macs >= 0.5 * half.eligible_macs
+    without_last = half.selected_macs - next(d.macs for d in half.decisions if d.name == prefix[-1])
+    assert without_last < 0.5 * half.eligible_macs
+    none = select_layers(result, target=0.0)
+    assert none.selected_names == []
+
+
+def test_certificate_counts_samples_whose_margin_exceeds_twice_the_change():
+    dense = np.array([[5.0, 1.0, 0.0], [1.0, 1.1, 0.0], [0.0, 3.0, 2.0]])
+    sparse = dense + np.array([[0.5, -0.5, 0.0], [0.2, 0.0, 0.0], [0.0, 0.0, 0.6]])
+    cmp = compare_outputs(dense, sparse, labels=np.array([0, 1, 1]))
+    # margins 4, 0.1, 1 vs 2·max|Δ| = 1, 0.4, 1.2 → only sample 0 certified
+    assert cmp.certified == 1
+    assert cmp.top1_agreement == pytest.approx(2 / 3)  # sample 1 flips from class 1 to class 0
+    assert cmp.dense_accuracy == pytest.approx(1.0) and cmp.sparse_accuracy == pytest.approx(2 / 3)
+
+
+def test_cli_compile_and_check(small_net, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    assert main(["-q", str(small_net), "-o", str(out), "--no-permute", "--method", "magnitude"]) == 0
+    report = json.loads((tmp_path / "cli.report.json").read_text())
+    assert report["schema_version"] == "1.0" and report["check"]["ok"] is True
+    assert main(["check", str(out)]) == 0
+    capsys.readouterr()
+    # the same file with one marked weight broken on the wrong axis fails the check
+    model = onnx.load(out)
+    for init in model.graph.initializer:
+        if init.name == "fc1.weight":
+            arr = onnx.numpy_helper.to_array(init).copy()
+            arr[:, :] = 1.0
+            arr[:, 0::2] = 0.0  # 2 of 4 along K kept… but rows all dense along N
+            arr[0, :] = 1.0
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, broken)
+    assert main(["check", str(broken)]) == 1
+
+
+def test_cli_refuses_to_overwrite_input(small_net, capsys):
+    assert main(["-q", str(small_net), "-o", str(small_net), "--no-permute"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_analyze_json_and_annotate(small_net, tmp_path, capsys):
+    annotated = tmp_path / "annotated.onnx"
+    assert main(["analyze", str(small_net), "--json", "--annotate", str(annotated)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"]["layers"] == 5 and report["summary"]["eligible_layers"] == 3
+    props = {
+        n.name: {p.key: p.value for p in n.metadata_props}
+        for n in onnx.load(annotated).graph.node if n.op_type in ("Conv", "Gemm")
+    }
+    assert all("mpcompile.mp_sigma_plus" in p for p in props.values())
+    sigma_plus = {layer["name"]: layer["mp"]["sigma_plus"] for layer in report["layers"]}
+    for name, p in props.items():
+        assert float(p["mpcompile.mp_sigma_plus"]) == pytest.approx(sigma_plus[name], rel=1e-5)
+
+
+def test_max_drift_keeps_drift_within_budget(small_net, tmp_path):
+    full = compile_model(small_net, CompileOptions(method="magnitude", permute=False, output=str(tmp_path / "a.onnx")))
+    budget = full.validation.relative_l2 * 0.6
+    limited = compile_model(
+        small_net, CompileOptions(method="magnitude", permute=False, max_drift=budget, output=str(tmp_path / "b.onnx"))
+    )
+    assert limited.validation.relative_l2 <= budget
+    assert 0 < len(limited.selection.selected_names) < len(full.selection.selected_names)
+    assert limited.check_ok
+    marked = [c for c in check_model(tmp_path / "b.onnx").layers if c.marked]
+    assert len(marked) == len(limited.selection.selected_names)
+
+
+def test_build_without_tensorrt_exits_6_with_modeled_report(small_net, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed: the measured path runs instead")
+    except ImportError:
+        pass
+    out = tmp_path / "s.onnx"
+    assert main(["-q", str(small_net), "-o", str(out), "--no-permute"]) == 0
+    capsys.readouterr()
+    assert main(["build", str(out), "--shape", "input:64x3x8x8", "-o", str(tmp_path / "b.json")]) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no measured build here" in err[0]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["measured"]["available"] is False
+    assert {item["gpu"] for item in report["speedup"]} == {"A40", "A100-SXM4-80GB"}
+    for item in report["speedup"]:
+        assert item["kind"] == "modeled"
+        assert 1.0 <= item["speedup"] <= item["amdahl_bound"] + 1e-9
+
+
+def test_fp16_im2col_and_gather_paths_on_bundled_models(tmp_path):
+    from mpcompile.zoo.bundled import bundled_model_path, write_split_npz
+
+    calib = write_split_npz("calib", tmp_path / "calib.npz", model="digits_cnn")
+    test = write_split_npz("test", tmp_path / "test.npz", model="digits_cnn")
+    out = tmp_path / "cnn16.onnx"
+    result = compile_model(
+        bundled_model_path("digits_cnn"),
+        CompileOptions(calib=str(calib), eval_data=str(test), fp16=True, conv="im2col", output=str(out)),
+    )
+    assert result.check_ok
+    model = onnx.load(out)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Slice" in ops and "Concat" in ops  # convs lowered to an explicit unfold
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    marked = [n for n in model.graph.node if any(p.key == "mpcompile.sparsity" for p in n.metadata_props)]
+    assert marked and all(n.op_type in ("MatMul", "Gemm") for n in marked)
+    assert all(weights[n.input[1]] == onnx.TensorProto.FLOAT16 for n in marked if n.input[1] in weights)
+    assert result.validation.dense_accuracy - result.validation.sparse_accuracy <= 0.02
+
+    vit_calib = write_split_npz("calib", tmp_path / "vcalib.npz", model="digits_vit")
+    gathered = compile_model(
+        bundled_model_path("digits_vit"),
+        CompileOptions(calib=str(vit_calib), allow_gather=True, output=str(tmp_path / "vit.onnx")),
+    )
+    assert gathered.check_ok
+    inserted = [p for p in gathered.permutations if p.gather_inserted]
+    assert inserted and sum(n.op_type == "Gather" for n in onnx.load(tmp_path / "vit.onnx").graph.node) >= len(inserted)
+
+
+@pytest.mark.parametrize("method", ["rmt-sv", "spectral-sample", "magnitude-unstructured"])
+def test_unstructured_seed_methods_remove_the_requested_fraction(small_net, tmp_path, method):
+    out = tmp_path / f"{method}.onnx"
+    result = compile_model(small_net, CompileOptions(method=method, sparsity=0.4, output=str(out)))
+    assert result.check_ok and result.speedup == []
+    sizes = np.array([m.dense.size for m in result.masks])
+    removed = np.array([np.mean(m.sparse == 0) for m in result.masks])
+    assert np.dot(sizes, removed) / sizes.sum() == pytest.approx(0.4, abs=0.01)
+    model = onnx.load(out)
+    marks = {p.value for n in model.graph.node for p in n.metadata_props if p.key == "mpcompile.sparsity"}
+    assert marks == {"unstructured"}  # never claimed as 2:4
