@@ -1,0 +1,192 @@
+"""Human-readable reports: Markdown and a self-contained HTML page with plots.
+
+Why self-contained: the page is attached to CI runs and tickets; plots are embedded PNGs
+(matplotlib, Agg backend) so it renders anywhere without network access. Every speedup
+figure carries its kind ("measured" or "modeled") from the JSON report; nothing here
+computes a number that the JSON does not already hold, except the spectra it plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpcompile.errors import OptionalDependencyError
+from mpcompile.numerics.mp_law import matrix_eigenvalues, mp_density
+
+__all__ = ["render_markdown", "render_html", "write_reports"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as exc:
+        raise OptionalDependencyError("matplotlib", "plots", "the HTML report") from exc
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def esd_figure(spectra: list[tuple[str, np.ndarray, dict[str, Any]]]) -> str:
+    """Histogram of λ = s²/n per layer with the fitted MP density and the edge λ+."""
+    plt = _pyplot()
+    cols = min(2, len(spectra))
+    rows = -(-len(spectra) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, s2, mp) in zip(axes.ravel(), spectra):
+        n = max(mp["rows"], mp["cols"])
+        lam = s2 / n
+        bulk = lam[lam <= 3 * mp["lambda_plus"]]
+        ax.hist(bulk, bins=60, density=True, color="#8aa9c9", label="empirical ESD")
+        grid = np.linspace(0, mp["lambda_plus"] * 1.05, 400)
+        density = mp_density(grid / mp["sigma2"], mp["gamma"]) / mp["sigma2"]
+        # the histogram is normalised over the plotted (bulk) share of eigenvalues only
+        shown_share = bulk.size / lam.size
+        ax.plot(grid, density / shown_share, color="#c0392b", lw=1.5, label=f"MP fit σ²={mp['sigma2']:.3g}")
+        ax.axvline(mp["lambda_plus"], color="k", ls="--", lw=1, label="λ+ (bulk edge)")
+        ax.set_title(f"{name}: {mp['spikes']} spikes, bulk {100 * mp['bulk_fraction']:.1f}%", fontsize=9)
+        ax.set_xlabel("λ = s²/n")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(spectra):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def budget_figure(layers: list[dict[str, Any]]) -> str:
+    """SEB weight per layer, coloured by the 2:4 decision."""
+    plt = _pyplot()
+    names = [layer["name"] for layer in layers]
+    weights = [layer.get("seb_weight") or 0.0 for layer in layers]
+    colors = ["#27ae60" if layer.get("sparse") else ("#bdc3c7" if layer.get("eligible") else "#e67e22")
+              for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 3.2))
+    ax.bar(range(len(names)), weights, color=colors)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("SEB weight w (>1: prune first)")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_title("Spectral budget per layer — green: 2:4, grey: kept dense, orange: not eligible", fontsize=9)
+    return _png(fig)
+
+
+def latency_figure(per_layer: list[dict[str, Any]], kind: str) -> str:
+    plt = _pyplot()
+    names = [row["name"] for row in per_layer]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 3.2))
+    ax.bar(x - 0.2, [row["dense_us"] for row in per_layer], width=0.4, label="dense")
+    ax.bar(x + 0.2, [row["sparse_us"] for row in per_layer], width=0.4, label="2:4")
+    ax.set_ylabel(f"µs per layer ({kind})")
+    ax.set_xticks(x, names, rotation=90, fontsize=6)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _largest_spectra(analysis_layers, count: int = 4) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+    fitted = [a for a in analysis_layers if a.fit is not None and min(a.layer.out_features, a.layer.reduction) >= 16]
+    fitted.sort(key=lambda a: -a.layer.out_features * a.layer.reduction)
+    seen, out = set(), []
+    for a in fitted:
+        if id(a.layer.weight.root) in seen:
+            continue
+        seen.add(id(a.layer.weight.root))
+        out.append((a.name, matrix_eigenvalues(a.layer.matrix()), a.fit.to_dict()))
+        if len(out) == count:
+            break
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# mpcompile report — {Path(report.get('model', {}).get('path', '?')).name}", ""]
+    lines.append(f"- created {report['created']} by mpcompile {report['tool']['version']} (`{report['command']}`)")
+    if "method" in report:
+        sel = report["selection"]
+        lines.append(f"- method **{report['method']}**, {sel['sparse_layers']} layers 2:4 = "
+                     f"{100 * sel['sparse_fraction_of_eligible']:.1f}% of eligible GEMM MACs")
+        lines.append(f"- calibration: {report['calibration']}")
+        lines.append(f"- independent 2:4 check: {'passed' if report['check']['ok'] else 'FAILED'}")
+    v = report.get("validation")
+    if v:
+        lines.append(f"- dense vs sparse on {v['samples']} samples: cosine {v['cosine_similarity']:.4f}, "
+                     f"relative L2 {v['relative_l2']:.4f}"
+                     + (f", top-1 agreement {100 * v['top1_agreement']:.1f}%" if v.get("top1_agreement") is not None else "")
+                     + (f", accuracy {100 * v['dense_accuracy']:.2f}% → {100 * v['sparse_accuracy']:.2f}%"
+                        if v.get("dense_accuracy") is not None else ""))
+    for item in report.get("speedup", []) or []:
+        lines.append(f"- speedup ({item['kind']}, {item['gpu']}): {item['speedup']:.3f}× end to end; "
+                     f"Amdahl bound {item['amdahl_bound']:.3f}×")
+    for note in report.get("notes", []):
+        lines.append(f"- note: {note}")
+    lines += ["", "| layer | op | out×K | MACs | σ+ | spikes | bulk % | μ | SEB w | 2:4 | why |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for layer in report["layers"]:
+        lines.append("| " + " | ".join(_layer_cells(layer)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _layer_cells(layer: dict[str, Any]) -> list[str]:
+    mp = layer.get("mp") or {}
+    bulk = mp.get("bulk_fraction")
+    return [
+        layer["name"],
+        layer["op"],
+        f"{layer['matrix_shape'][0]}×{layer['matrix_shape'][1]}",
+        _fmt(layer.get("macs"), "d"),
+        _fmt(mp.get("sigma_plus"), ".3g"),
+        _fmt(mp.get("spikes"), "d"),
+        _fmt(None if bulk is None else 100 * bulk, ".1f"),
+        _fmt(mp.get("fit_error"), ".3f"),
+        _fmt(layer.get("seb_weight"), ".2f"),
+        "yes" if layer.get("sparse") else "no",
+        layer.get("decision") or layer.get("reason") or "",
+    ]
+
+
+def render_html(report: dict[str, Any], analysis_layers=None) -> str:
+    sections = []
+    if analysis_layers:
+        spectra = _largest_spectra(analysis_layers)
+        if spectra:
+            sections.append(("Spectra of the largest layers (fitted Marchenko–Pastur law)", esd_figure(spectra)))
+    sections.append(("Spectral budget and 2:4 decision per layer", budget_figure(report["layers"])))
+    for item in report.get("speedup", []) or []:
+        if item.get("per_layer"):
+            sections.append((f"Per-layer latency, {item['gpu']} ({item['kind']})", latency_figure(item["per_layer"], item["kind"])))
+    body = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'/>"
+        for title, png in sections
+    )
+    md = html.escape(render_markdown(report))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mpcompile report</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}img{max-width:100%}"
+        "pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:12px}</style></head><body>"
+        f"<h1>mpcompile report</h1>{body}<h2>Summary and layers</h2><pre>{md}</pre></body></html>"
+    )
+
+
+def write_reports(report: dict[str, Any], stem: str | os.PathLike, analysis_layers=None) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.html`` atomically; returns both paths."""
+    from mpcompile.report import write_text
+
+    md_path = write_text(render_markdown(report), f"{stem}.md")
+    html_path = write_text(render_html(report, analysis_layers), f"{stem}.html")
+    return md_path, html_path
