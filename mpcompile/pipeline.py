@@ -27,7 +27,7 @@ from mpcompile.numerics.masks import MASK_METHODS, LayerStats
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
 from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask, restore_dense, write_matrix
-from mpcompile.selection import Selection, select_layers
+from mpcompile.selection import MEASURED_ORDERS, Selection, rank_by_measurement, select_layers
 from mpcompile.shapes import ShapeSpec
 from mpcompile.validate import OutputComparison, compare_outputs, relative_drift
 
@@ -222,12 +222,16 @@ def compile_model(
         dense_eval_out if eval_data is data
         else run_model(loaded.model, data, opts.batch_size)[0] if opts.max_drift is not None else None
     )
+    measured_order = opts.order in MEASURED_ORDERS
+    drift_sample = _subset(data, DRIFT_ORDER_SAMPLES) if measured_order else None
+    dense_sample_out = run_model(loaded.model, drift_sample, opts.batch_size)[0] if drift_sample is not None else None
     timings["validate"] = time.perf_counter() - t
     method = _resolve_method(opts, from_user or opts.method in DATA_METHODS)
     if not from_user:
         notes.append(f"no --calib given: calibration and validation use {data.source}")
 
-    target = 1.0 if opts.max_drift is not None else opts.target
+    # A measured order masks every candidate first and trims to the target afterwards.
+    target = 1.0 if opts.max_drift is not None or measured_order else opts.target
     selection = select_layers(analysis.result, target=target, order=opts.order, exclude=set(opts.exclude))
     if not selection.selected_names and opts.target > 0:
         raise UnsupportedModelError("no layer is eligible for 2:4 (see `mpcompile analyze` for the reasons)")
@@ -274,6 +278,14 @@ def compile_model(
     timings["mask"] = time.perf_counter() - t
 
     masks = sparsify.results
+    if measured_order:
+        if unstructured:
+            raise UsageError(f"--order {opts.order} ranks 2:4 masks; --method {method} is unstructured")
+        t = time.perf_counter()
+        masks = _rank_by_drift(model, dense_sample_out, drift_sample, selected, masks, selection, opts, progress)
+        notes.append(f"--order {opts.order}: layers ranked by the relative output drift each causes alone on "
+                     f"{drift_sample.samples} samples of {data.source}, per MAC")
+        timings["drift_order"] = time.perf_counter() - t
     if opts.max_drift is not None:
         t = time.perf_counter()
         masks = _fit_drift_budget(model, dense_calib_out, selected, masks, selection, data, opts, notes)
@@ -420,6 +432,51 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress)
 
 
 
+DRIFT_ORDER_SAMPLES = 64
+
+
+def _subset(data: CalibrationData, samples: int) -> CalibrationData:
+    """The first ``samples`` samples (whole static batches): enough to rank layers by drift."""
+    count = min(data.samples, max(samples, data.static_batch or 0))
+    labels = data.labels[:count] if data.labels is not None else None
+    return CalibrationData({k: v[:count] for k, v in data.inputs.items()}, data.source, labels, data.static_batch)
+
+
+def _weight_groups(selected: list[GemmLayer], masks: list[LayerMask]) -> dict[str, list[GemmLayer]]:
+    """Layers sharing each mask's weight (a mask is named after the first of them)."""
+    by_name = {layer.name: layer for layer in selected}
+    return {m.layer: [layer for layer in selected if layer.weight.root is by_name[m.layer].weight.root] for m in masks}
+
+
+def _rank_by_drift(model, dense_out, sample, selected, masks, selection, opts, progress) -> list[LayerMask]:
+    """``--order drift``: make each candidate sparse alone, measure the output drift, keep the
+    cheapest per MAC up to ``--target``.
+
+    The MP rank predicts which layers tolerate 2:4; this measures it, at one ONNX Runtime pass
+    per weight on a small sample. It sees each layer alone, not their interaction, which is
+    what ``--max-drift`` (run over this order) then accounts for.
+    """
+    groups = _weight_groups(selected, masks)
+    for mask in masks:
+        write_matrix(groups[mask.layer][0], mask.dense)
+    cost: dict[str, float] = {}
+    with progress("drift per layer", len(masks)) as advance:
+        for mask in masks:
+            write_matrix(groups[mask.layer][0], mask.sparse)
+            cost[mask.layer] = relative_drift(dense_out, run_model(model, sample, opts.batch_size)[0])
+            write_matrix(groups[mask.layer][0], mask.dense)
+            advance(mask.layer)
+    target = 1.0 if opts.max_drift is not None else opts.target
+    kept = rank_by_measurement(selection, cost, target, {k: [layer.name for layer in v] for k, v in groups.items()})
+    by_layer = {m.layer: m for m in masks}
+    for mask in masks:
+        if mask.layer in kept:
+            write_matrix(groups[mask.layer][0], mask.sparse)
+        else:
+            restore_dense(groups[mask.layer], mask.dense)
+    return [by_layer[name] for name in kept]
+
+
 def _fit_drift_budget(model, dense_out, selected, masks, selection, data, opts, notes) -> list[LayerMask]:
     """Largest prefix of the ranked layers whose output drift stays within ``--max-drift``.
 
@@ -427,8 +484,8 @@ def _fit_drift_budget(model, dense_out, selected, masks, selection, data, opts, 
     dense and sparse versions, so the search costs ~log2(L) ONNX Runtime passes.
     """
     by_name = {layer.name: layer for layer in selected}
-    ranked = [m for name in selection.selected_names for m in masks if m.layer == name]
-    groups = {m.layer: [layer for layer in selected if layer.weight.root is by_name[m.layer].weight.root] for m in ranked}
+    ranked = [m for name in selection.ranked_selected for m in masks if m.layer == name]
+    groups = _weight_groups(selected, ranked)
 
     def drift_with(count: int) -> float:
         for index, mask in enumerate(ranked):

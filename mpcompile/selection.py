@@ -3,19 +3,23 @@
 Why order matters: when only part of the model can go sparse (a MAC target or a drift
 budget), the Spectral-Edge-Budgeting rank puts first the layers whose spectrum is most
 noise-like — the ones the seed papers found lose least when pruned. ``order="graph"`` is
-the uniform baseline the benchmarks compare against.
+the uniform baseline the benchmarks compare against. ``order="drift"`` is measured rather than
+predicted: the pipeline masks every candidate, runs the model with each one sparse alone on
+calibration data and ranks by output drift per MAC (see :func:`rank_by_measurement`); here it
+starts from the MP order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mpcompile.errors import UsageError
 from mpcompile.passes.spectral_analysis import AnalysisResult, LayerAnalysis
 
-__all__ = ["LayerDecision", "Selection", "select_layers", "ORDERS"]
+__all__ = ["LayerDecision", "Selection", "select_layers", "rank_by_measurement", "ORDERS"]
 
-ORDERS = ("mp", "graph", "macs")
+ORDERS = ("mp", "graph", "macs", "drift")
+MEASURED_ORDERS = ("drift",)
 
 
 @dataclass
@@ -36,6 +40,13 @@ class Selection:
     order: str
     eligible_macs: int
     selected_macs: int
+    ranking: list[str] = field(default_factory=list)  # candidates, first to be made sparse first
+
+    @property
+    def ranked_selected(self) -> list[str]:
+        """Selected layers in the order they were taken (what a drift budget trims from the end)."""
+        chosen = set(self.selected_names)
+        return [name for name in self.ranking if name in chosen]
 
     @property
     def selected_names(self) -> list[str]:
@@ -56,7 +67,7 @@ def ranked_eligible(result: AnalysisResult, order: str = "mp", exclude: set[str]
     if order not in ORDERS:
         raise UsageError(f"--order must be one of {ORDERS}, got {order!r}")
     eligible = [a for a in result.layers if a.layer.eligible and a.name not in exclude]
-    if order == "mp":
+    if order in ("mp", *MEASURED_ORDERS):
         return sorted(eligible, key=lambda a: a.prune_rank if a.prune_rank is not None else 1 << 30)
     if order == "macs":
         return sorted(eligible, key=lambda a: -_weight_macs(a))
@@ -105,4 +116,43 @@ def select_layers(
                 LayerDecision(analysis.name, False, "kept dense: target reached (lower MP budget rank)"
                               if order == "mp" else "kept dense: target reached", analysis.prune_rank, macs)
             )
-    return Selection(decisions, target, order, eligible_macs, covered)
+    return Selection(decisions, target, order, eligible_macs, covered, [a.name for a in ranked])
+
+
+def rank_by_measurement(
+    selection: Selection, cost: dict[str, float], target: float, groups: dict[str, list[str]] | None = None
+) -> list[str]:
+    """Re-rank the selected layers by measured ``cost`` per MAC and keep the cheapest ``target``.
+
+    ``cost`` maps a weight (named by its first layer) to what making it sparse alone cost
+    (output drift on calibration data); ``groups`` lists the layers sharing that weight, which
+    move together. A greedy knapsack takes the lowest cost per sparse MAC first until
+    ``target`` × eligible MACs are covered. Updates ``selection`` in place and returns the kept
+    weights' names, cheapest first.
+    """
+    if not 0.0 <= target <= 1.0:
+        raise UsageError(f"--target must be a fraction in [0, 1], got {target}")
+    by_name = {d.name: d for d in selection.decisions}
+    members = {name: (groups or {}).get(name, [name]) for name in cost}
+    macs = {name: sum(by_name[m].macs for m in members[name]) for name in cost}
+    ranked = sorted(cost, key=lambda n: (cost[n] / max(macs[n], 1), n))
+    kept: list[str] = []
+    covered = 0
+    for name in ranked:
+        if target == 0.0 or covered >= target * selection.eligible_macs - 1e-9:
+            break
+        kept.append(name)
+        covered += macs[name]
+    for rank, name in enumerate(ranked, start=1):
+        for member in members[name]:
+            decision = by_name[member]
+            decision.rank = rank
+            drift = f"drift {cost[name]:.3g} alone"
+            if name in kept:
+                decision.sparse, decision.reason = True, f"rank {rank} by measured {drift}"
+            else:
+                decision.sparse, decision.reason = False, f"kept dense: target reached (rank {rank}, {drift})"
+    selection.target = target
+    selection.ranking = [member for name in ranked for member in members[name]]
+    selection.selected_macs = sum(d.macs for d in selection.decisions if d.sparse)
+    return kept

@@ -144,14 +144,77 @@ def test_analyze_json_and_annotate(small_net, tmp_path, capsys):
 def test_max_drift_keeps_drift_within_budget(small_net, tmp_path):
     full = compile_model(small_net, CompileOptions(method="magnitude", permute=False, output=str(tmp_path / "a.onnx")))
     budget = full.validation.relative_l2 * 0.6
-    limited = compile_model(
-        small_net, CompileOptions(method="magnitude", permute=False, max_drift=budget, output=str(tmp_path / "b.onnx"))
-    )
+    limited = compile_model(small_net, CompileOptions(
+        method="magnitude", permute=False, max_drift=budget, order="drift", output=str(tmp_path / "b.onnx")))
     assert limited.validation.relative_l2 <= budget
     assert 0 < len(limited.selection.selected_names) < len(full.selection.selected_names)
     assert limited.check_ok
     marked = [c for c in check_model(tmp_path / "b.onnx").layers if c.marked]
     assert len(marked) == len(limited.selection.selected_names)
+
+
+def test_max_drift_trims_the_mp_ranking_from_its_end(small_net, tmp_path):
+    def compiled(name: str, **options):
+        return compile_model(small_net, CompileOptions(method="magnitude", permute=False,
+                                                       output=str(tmp_path / name), **options))
+
+    full = compiled("a.onnx")
+    first_only = compiled("b.onnx", target=1e-3)  # the first layer of the MP ranking alone
+    assert len(first_only.selection.selected_names) == 1
+    budget = (first_only.validation.relative_l2 + full.validation.relative_l2) / 2
+    assert first_only.validation.relative_l2 < budget < full.validation.relative_l2
+    limited = compiled("c.onnx", max_drift=budget)
+    # the budget admits the MP-ranked prefix of one layer, whatever the graph order is
+    assert limited.selection.selected_names == first_only.selection.selected_names
+    assert limited.selection.ranking == full.selection.ranking
+
+
+def test_drift_order_ranks_by_measured_drift_per_mac(small_net, tmp_path):
+    from mpcompile.calibration import run_model, synthetic_inputs
+    from mpcompile.passes.sparsify_24 import write_matrix
+    from mpcompile.validate import relative_drift
+
+    result = compile_model(small_net, CompileOptions(
+        method="magnitude", permute=False, order="drift", target=0.5, output=str(tmp_path / "d.onnx")))
+    selection = result.selection
+    assert selection.order == "drift" and result.check_ok
+    assert selection.selected_macs >= 0.5 * selection.eligible_macs
+    assert any("--order drift" in note for note in result.notes)
+    # Re-measure each layer's drift alone on the same sample, independently of the pipeline.
+    loaded = load_model(small_net)
+    layers = {layer.name: layer for layer in discover_gemms(loaded.model)}
+    data = synthetic_inputs(loaded.model, CompileOptions().shape_spec, 16, 0)
+    dense_out = run_model(loaded.model, data)[0]
+    from mpcompile.numerics.masks import apply_method
+
+    macs = {d.name: d.macs for d in selection.decisions}
+    per_mac = {}
+    for name in selection.ranking:
+        w = layers[name].matrix()
+        write_matrix(layers[name], apply_method("magnitude", w, None).weight)
+        per_mac[name] = relative_drift(dense_out, run_model(loaded.model, data)[0]) / macs[name]
+        write_matrix(layers[name], w)
+    assert len(per_mac) == 3  # c1 (Cin=3) and fc2 (10 outputs) are not eligible
+    costs = [per_mac[name] for name in selection.ranking]
+    assert costs == sorted(costs)
+    kept = selection.selected_names
+    assert set(kept) == set(selection.ranking[: len(kept)]) and 0 < len(kept) < 3
+    assert all("measured drift" in d.reason for d in selection.decisions if d.sparse)
+    marked = [c.node for c in check_model(tmp_path / "d.onnx").marked]
+    assert sorted(marked) == sorted(kept)
+
+
+def test_rank_by_measurement_moves_shared_weights_together():
+    from mpcompile.selection import LayerDecision, Selection, rank_by_measurement
+
+    decisions = [LayerDecision(n, True, "", None, m) for n, m in (("a", 100), ("b", 100), ("b2", 100), ("c", 200))]
+    selection = Selection(decisions, 1.0, "drift", 500, 500, ["a", "b", "b2", "c"])
+    # b (shared with b2) costs least per MAC: 0.2 / 200; then c: 0.5 / 200; then a: 0.4 / 100
+    kept = rank_by_measurement(selection, {"a": 0.4, "b": 0.2, "c": 0.5}, 0.5, {"b": ["b", "b2"]})
+    assert kept == ["b", "c"]
+    assert selection.ranking == ["b", "b2", "c", "a"]
+    assert selection.selected_names == ["b", "b2", "c"] and selection.selected_macs == 400
+    assert not decisions[0].sparse and "kept dense" in decisions[0].reason
 
 
 def test_build_without_tensorrt_exits_6_with_modeled_report(small_net, tmp_path, capsys):
