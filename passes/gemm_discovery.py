@@ -60,13 +60,17 @@ class WeightSource:
     def quantized(self) -> bool:
         return any(n.op_type == "DequantizeLinear" for n in self.chain)
 
-    def stored_array(self) -> np.ndarray:
+    def stored_tensor(self) -> ir.TensorProtocol:
+        """The stored tensor object (initializer or Constant value), without reading its data."""
         tensor = self.root.const_value
         if tensor is None:  # Constant node output
             producer = self.root.producer()
             assert producer is not None and producer.op_type == "Constant"
             tensor = producer.attributes["value"].as_tensor()
-        return tensor.numpy()
+        return tensor
+
+    def stored_array(self) -> np.ndarray:
+        return self.stored_tensor().numpy()
 
     def effective_shape(self) -> tuple[int, ...]:
         """Shape of the weight as the consumer sees it (Transpose chain applied), no data read."""
@@ -80,9 +84,12 @@ class WeightSource:
                 shape = tuple(shape[i] for i in perm)
         return shape
 
-    def effective_array(self) -> np.ndarray:
-        """The weight as the consumer receives it (chain applied), as float."""
-        arr = self.stored_array()
+    def effective_array(self, stored: np.ndarray | None = None) -> np.ndarray:
+        """The weight as the consumer receives it (chain applied), as float.
+
+        ``stored`` replaces the current stored data (e.g. a tensor the weight had before a rewrite).
+        """
+        arr = self.stored_array() if stored is None else stored
         if arr.dtype.kind not in "fiu":
             raise UnsupportedModelError(
                 f"weight '{self.root.name}' has unsupported dtype {self.stored_dtype.name}"
@@ -190,10 +197,14 @@ class GemmLayer:
     def weight_key(self) -> str:
         return self.weight.root.name or f"<unnamed:{id(self.weight.root)}>"
 
-    def matrix(self) -> np.ndarray:
-        """The weight as ``[out, K]`` with K in TensorRT grouping order."""
-        w = self.weight.effective_array()
+    def matrix(self, stored: np.ndarray | None = None) -> np.ndarray:
+        """The weight as ``[out, K]`` with K in TensorRT grouping order (of ``stored`` if given)."""
+        w = self.weight.effective_array(stored)
         return weight_to_matrix(w, self.layout)
+
+    def matrix_of(self, tensor: ir.TensorProtocol) -> np.ndarray:
+        """``[out, K]`` view of a tensor this layer's weight once held (read on demand)."""
+        return self.matrix(tensor.numpy())
 
 
 def weight_to_matrix(w: np.ndarray, layout: str) -> np.ndarray:

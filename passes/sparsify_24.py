@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -33,8 +34,15 @@ class LayerMask:
     method: str
     calibrated: bool
     kept_magnitude_fraction: float
-    dense: np.ndarray
-    sparse: np.ndarray
+    dense_source: Callable[[], np.ndarray] = field(repr=False)
+    """Reads the dense ``[out, K]`` weight on demand: from the tensor the layer held before
+    masking (kept alive, not copied: on a loaded model it is already in memory or on disk)."""
+    sparse: np.ndarray = field(repr=False)
+    """The written ``[out, K]`` weight; the model's stored tensor is a view of it, not a copy."""
+
+    @property
+    def dense(self) -> np.ndarray:
+        return self.dense_source()
 
 
 def matrix_to_stored(matrix: np.ndarray, layer: GemmLayer, stored_shape: tuple[int, ...]) -> np.ndarray:
@@ -61,7 +69,7 @@ def matrix_to_stored(matrix: np.ndarray, layer: GemmLayer, stored_shape: tuple[i
             raise ValueError(f"{layer.name}: cannot write a weight back through {node.op_type}")
     if tuple(stored.shape) != tuple(stored_shape):
         raise ValueError(f"{layer.name}: mapped weight shape {stored.shape} != stored {stored_shape}")
-    return np.ascontiguousarray(stored)
+    return stored
 
 
 def _replace_stored(layer: GemmLayer, array: np.ndarray) -> None:
@@ -78,8 +86,10 @@ def _replace_stored(layer: GemmLayer, array: np.ndarray) -> None:
 
 def write_matrix(layer: GemmLayer, matrix: np.ndarray) -> None:
     """Store an ``[out, K]`` matrix as ``layer``'s weight, in its stored layout and dtype."""
-    stored = layer.weight.stored_array()
-    _replace_stored(layer, matrix_to_stored(matrix, layer, tuple(stored.shape)).astype(stored.dtype))
+    stored = layer.weight.stored_tensor()
+    dtype = stored.dtype.numpy()
+    # No copy when the dtype already matches: the stored tensor is a (transposed) view of ``matrix``.
+    _replace_stored(layer, matrix_to_stored(matrix, layer, tuple(stored.shape)).astype(dtype, copy=False))
 
 
 def restore_dense(layers: list[GemmLayer], dense: np.ndarray) -> None:
@@ -137,9 +147,10 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
         for group in by_root.values():
             first = group[0]
             stats = self._merged_stats(group)
-            dense = first.matrix()
-            result: MaskResult = apply_method(self.method, dense, stats, n=self.n, m=self.m)
-            write_matrix(first, result.weight)
+            before = first.weight.stored_tensor()
+            result: MaskResult = apply_method(self.method, first.matrix(), stats, n=self.n, m=self.m)
+            sparse = np.asarray(result.weight, dtype=np.float32)
+            write_matrix(first, sparse)
             for layer in group:
                 props = layer.node.metadata_props
                 props[SPARSITY_KEY] = f"{self.n}:{self.m}"
@@ -147,7 +158,7 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
                 props["mpcompile.calibrated"] = "true" if result.calibrated else "false"
             self.results.append(
                 LayerMask(first.name, result.method, result.calibrated, result.kept_magnitude_fraction,
-                          dense, np.asarray(result.weight, dtype=np.float32))
+                          partial(first.matrix_of, before), sparse)
             )
             if self.progress is not None:
                 self.progress(first.name)

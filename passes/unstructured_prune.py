@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from functools import partial
+
 import numpy as np
 import onnx_ir as ir
 
@@ -70,6 +72,7 @@ class ApplyUnstructuredPruningPass(ir.passes.InPlacePass):
             fractions = np.full(len(unique), self.sparsity)
         self.results = []
         for layer, fit, fraction in zip(unique, fits, fractions):
+            before = layer.weight.stored_tensor()
             dense = layer.matrix()
             if self.method == "rmt-sv":
                 pruned = rmt_sv_prune(dense, float(fraction), fit=fit)
@@ -77,13 +80,14 @@ class ApplyUnstructuredPruningPass(ir.passes.InPlacePass):
                 pruned = magnitude_prune(dense, float(fraction))
             else:
                 pruned = spectral_sample_prune(dense, float(fraction), rank=max(1, fit.spikes))
-            write_matrix(layer, pruned.weight)
+            sparse = pruned.weight.astype(np.float32)
+            write_matrix(layer, sparse)
             for reader in (l for l in self.layers if l.weight.root is layer.weight.root):
                 reader.node.metadata_props[SPARSITY_KEY] = "unstructured"
                 reader.node.metadata_props["mpcompile.method"] = self.method
                 reader.node.metadata_props["mpcompile.removed_fraction"] = f"{pruned.removed_fraction:.4f}"
             kept = float(np.abs(pruned.weight).sum() / max(np.abs(dense).sum(), 1e-300))
-            self.results.append(LayerMask(layer.name, self.method, False, kept, dense, pruned.weight.astype(np.float32)))
+            self.results.append(LayerMask(layer.name, self.method, False, kept, partial(layer.matrix_of, before), sparse))
             if self.progress is not None:
                 self.progress(layer.name)
         logger.info("%s: pruned %d weights to %.0f%% overall", self.method, len(unique), 100 * self.sparsity)
