@@ -43,6 +43,20 @@ MAX_ROWS_PER_BATCH = 4096
 GRAM_BUDGET_BYTES = 512 * 2**20
 SESSION_VIA_FILE_BYTES = 64 * 2**20
 
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
 _NP_DTYPES = {
     ir.DataType.FLOAT: np.float32,
     ir.DataType.FLOAT16: np.float16,
@@ -236,6 +250,16 @@ def _session_options() -> ort.SessionOptions:
     return options
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by a finished ONNX Runtime session back to the OS (glibc only).
+
+    Why: glibc keeps freed heap pages for reuse; after a session over a big model that is
+    hundreds of MB the process holds but no longer uses, on top of everything later stages need.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def run_model(model: ir.Model, data: CalibrationData, batch_size: int = 64) -> list[np.ndarray]:
     """Graph outputs of ``model`` over all calibration samples, concatenated per output."""
     session = make_session(model)
@@ -244,6 +268,8 @@ def run_model(model: ir.Model, data: CalibrationData, batch_size: int = 64) -> l
     for batch in data.batches(batch_size):
         for name, out in zip(names, session.run(names, batch)):
             chunks[name].append(out)
+    del session
+    release_freed_memory()
     return [np.concatenate(chunks[n]) for n in names]
 
 

@@ -181,6 +181,9 @@ def count_24_violations(weight: np.ndarray, axis: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- loading
 
 
+STREAM_LOAD_BYTES = 64 * 2**20
+
+
 def _load(path: Path) -> onnx.ModelProto:
     """Parse the model skeleton; external tensors are read one at a time later."""
     if not path.exists():
@@ -188,7 +191,12 @@ def _load(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise InvalidModelError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if path.stat().st_size > STREAM_LOAD_BYTES:
+            from mpcompile.proto_stream import load_skeleton
+
+            model = load_skeleton(path)  # weights stay in the file, read one at a time
+        else:
+            model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModelError(f"{path}: not a readable ONNX model ({first})") from exc

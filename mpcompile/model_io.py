@@ -8,6 +8,7 @@ failure. Every problem with the input becomes a one-line :class:`MpcompileError`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -41,8 +42,9 @@ class LoadedModel:
         path: the file it came from (resolved).
         model: the onnx_ir model every pass works on. External tensors are memory-mapped
             lazily from ``path``'s folder.
-        proto: the ModelProto as parsed, without external data loaded. It shares tensor
-            storage with ``model`` and is kept for ONNX shape inference on the skeleton.
+        proto: the ModelProto as parsed, with the data of large initializers left out (their
+            names, types and dims stay): ONNX shape inference needs no more, and the parsed
+            weights would otherwise stay in memory beside ``model``'s own copy all compile long.
     """
 
     path: Path
@@ -136,7 +138,65 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except Exception as exc:  # onnx_ir raises a variety of errors on malformed graphs
         raise InvalidModelError(f"{p}: cannot build the IR: {exc}") from exc
     ir.external_data.set_base_dir(model.graph, str(p.parent))
-    return LoadedModel(path=p.resolve(), model=model, proto=proto)
+    _detach_from_proto(model)
+    return LoadedModel(path=p.resolve(), model=model, proto=_without_weight_data(proto))
+
+
+# Types whose numpy array round-trips exactly through ir.Tensor; others stay proto-backed.
+_PLAIN_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL,
+})
+
+
+def _detached(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if not isinstance(tensor, ir.serde.TensorProtoTensor) or tensor.dtype not in _PLAIN_DTYPES:
+        return tensor
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
+                     metadata_props=dict(tensor.metadata_props))
+
+
+def _detach_from_proto(model: ir.Model) -> None:
+    """Give every main-graph initializer and Constant its own numpy array.
+
+    Why: a tensor that wraps the parsed protobuf keeps the *whole* parsed model alive, so a
+    weight replaced by a rewrite would never be freed and a compile would hold the input's
+    weights to the end. Detached, each replaced weight is released as soon as nothing uses it.
+    """
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            value.const_value = _detached(value.const_value)
+    for node in model.graph:
+        attr = node.attributes.get("value") if node.op_type == "Constant" else None
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            node.attributes["value"] = ir.AttrTensor("value", _detached(attr.as_tensor()))
+
+
+def _without_weight_data(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
+    """``proto`` with the data of initializers above ``max_elements`` dropped (names, types, dims kept)."""
+    out = onnx.ModelProto()
+    _copy_fields(proto, out, skip="graph")
+    _copy_fields(proto.graph, out.graph, skip="initializer")
+    for tensor in proto.graph.initializer:
+        if math.prod(tensor.dims) <= max_elements or onnx.external_data_helper.uses_external_data(tensor):
+            out.graph.initializer.append(tensor)
+        else:
+            out.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(dst, field.name)
+        if field.is_repeated:
+            target.extend(value)
+        elif field.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def default_output_path(input_path: str | os.PathLike, suffix: str) -> Path:
@@ -153,6 +213,47 @@ def _weight_bytes(model: ir.Model) -> int:
         if tensor is not None:
             total += tensor.nbytes
     return total
+
+
+_MODEL_GRAPH_FIELD = 7  # ModelProto.graph
+_GRAPH_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    return _VarintBytes(field_number << 3 | 2) + _VarintBytes(len(payload)) + payload
+
+
+def write_inline_streamed(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` as one self-contained ONNX file, one initializer at a time.
+
+    Why: building the whole ModelProto and serialising it holds two extra copies of every
+    weight at once (the proto, then its bytes): ~2× the model on top of the model itself.
+    Protobuf merges repeated occurrences of an embedded message field, so the file is the
+    model without its main-graph initializers followed by one ``graph { initializer {…} }``
+    record per tensor; every ONNX reader (onnx, ONNX Runtime, TensorRT's parser) reads it as
+    the same model, and peak extra memory is one tensor.
+    """
+    graph = model.graph
+    initializers = list(graph.initializers.values())
+    for value in initializers:
+        graph.initializers.pop(value.name)
+    try:
+        head = ir.serde.serialize_model(model).SerializeToString()
+    finally:
+        for value in initializers:
+            graph.initializers[value.name] = value
+    with open(path, "wb") as f:
+        f.write(head)
+        for value in initializers:
+            if value.const_value is None:
+                continue
+            tensor = ir.serde.serialize_tensor(value.const_value)
+            tensor.name = value.name
+            record = _length_delimited(_GRAPH_INITIALIZER_FIELD, tensor.SerializeToString())
+            del tensor
+            f.write(_length_delimited(_MODEL_GRAPH_FIELD, record))
 
 
 def save_model(
@@ -186,7 +287,10 @@ def save_model(
     tmp_dir = Path(tempfile.mkdtemp(prefix=".mpcompile-", dir=out.parent))
     try:
         tmp_model = tmp_dir / out.name
-        ir.save(model, tmp_model, external_data=data_name if use_external else None)
+        if use_external:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            write_inline_streamed(model, tmp_model)
         if use_external:
             os.replace(tmp_dir / data_name, out.with_name(data_name))
         os.replace(tmp_model, out)

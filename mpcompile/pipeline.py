@@ -20,7 +20,14 @@ import numpy as np
 import onnx_ir as ir
 
 from mpcompile.analyze import Analysis, AnalyzeOptions, analyze_loaded
-from mpcompile.calibration import CalibrationData, capture_layer_stats, load_calibration, run_model, synthetic_inputs
+from mpcompile.calibration import (
+    CalibrationData,
+    capture_layer_stats,
+    load_calibration,
+    release_freed_memory,
+    run_model,
+    synthetic_inputs,
+)
 from mpcompile.errors import UnsupportedModelError, UsageError
 from mpcompile.model_io import default_output_path, load_model, save_model
 from mpcompile.numerics.masks import MASK_METHODS, LayerStats
@@ -61,11 +68,15 @@ class CompileOptions:
     eval_data: str | None = None
     calib_samples: int = 256
     synthetic_samples: int = 16
-    batch_size: int = 32
+    batch_size: int = 8
     conv: str = "native"
     fp16: bool = False
     output: str | None = None
     seed: int = 0
+    # Keep each masked layer's dense weight reachable from the result (``LayerMask.dense``):
+    # the Python API needs it to carry masks back to torch. The CLI releases it once the
+    # report's spectra are computed, which saves one copy of the model's GEMM weights.
+    keep_dense: bool = True
     analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
     shape_spec: ShapeSpec = field(default_factory=ShapeSpec)
 
@@ -300,6 +311,15 @@ def compile_model(
 
         ConvertToFloat16Pass()(model)
 
+    # Seed 003's spectrum-preservation figures, while the dense weights are still at hand.
+    t = time.perf_counter()
+    spectra = {m.layer: spectrum_change(m.dense, m.sparse) for m in masks}
+    if not opts.keep_dense:
+        for mask in masks:
+            mask.release_dense()
+    release_freed_memory()
+    timings["spectra"] = time.perf_counter() - t
+
     t = time.perf_counter()
     written = save_model(model, out_path, protect=(loaded.path,))
     timings["write"] = time.perf_counter() - t
@@ -339,6 +359,7 @@ def compile_model(
         seconds={k: round(v, 3) for k, v in timings.items()},
         notes=notes,
         speedup=speedup,
+        _spectra=spectra,
     )
 
 

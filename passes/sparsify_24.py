@@ -16,6 +16,7 @@ from functools import partial
 import numpy as np
 import onnx_ir as ir
 
+from mpcompile.errors import UsageError
 from mpcompile.numerics.masks import LayerStats, MaskResult, apply_method
 from mpcompile.passes.gemm_discovery import GemmLayer
 
@@ -34,7 +35,7 @@ class LayerMask:
     method: str
     calibrated: bool
     kept_magnitude_fraction: float
-    dense_source: Callable[[], np.ndarray] = field(repr=False)
+    dense_source: Callable[[], np.ndarray] | None = field(repr=False)
     """Reads the dense ``[out, K]`` weight on demand: from the tensor the layer held before
     masking (kept alive, not copied: on a loaded model it is already in memory or on disk)."""
     sparse: np.ndarray = field(repr=False)
@@ -42,7 +43,14 @@ class LayerMask:
 
     @property
     def dense(self) -> np.ndarray:
+        if self.dense_source is None:
+            raise UsageError(f"the dense weight of {self.layer} was released after compile "
+                             "(compile with keep_dense=True to keep it)")
         return self.dense_source()
+
+    def release_dense(self) -> None:
+        """Drop the reference to the pre-mask weight so its memory can be freed."""
+        self.dense_source = None
 
 
 def matrix_to_stored(matrix: np.ndarray, layer: GemmLayer, stored_shape: tuple[int, ...]) -> np.ndarray:

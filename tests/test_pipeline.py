@@ -280,3 +280,16 @@ def test_unstructured_seed_methods_remove_the_requested_fraction(small_net, tmp_
     model = onnx.load(out)
     marks = {p.value for n in model.graph.node for p in n.metadata_props if p.key == "mpcompile.sparsity"}
     assert marks == {"unstructured"}  # never claimed as 2:4
+
+
+def test_cli_style_compile_releases_dense_weights_after_the_spectra(small_net, tmp_path):
+    from mpcompile.errors import UsageError
+
+    kept = compile_model(small_net, CompileOptions(method="magnitude", permute=False, output=str(tmp_path / "a.onnx")))
+    released = compile_model(small_net, CompileOptions(method="magnitude", permute=False, keep_dense=False,
+                                                       output=str(tmp_path / "b.onnx")))
+    assert released.spectra() == kept.spectra() and kept.spectra()
+    np.testing.assert_array_equal(kept.masks[0].sparse, released.masks[0].sparse)
+    assert kept.masks[0].dense.shape == kept.masks[0].sparse.shape
+    with pytest.raises(UsageError, match="released"):
+        _ = released.masks[0].dense

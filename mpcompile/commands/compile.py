@@ -85,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--eval", dest="eval_data", metavar="DATA",
                       help="evaluation inputs (+ labels) for the dense-vs-sparse comparison (default: calibration data)")
     data.add_argument("--calib-samples", type=int, default=256, help="use at most this many calibration samples")
-    data.add_argument("--batch-size", type=int, default=32, help="ONNX Runtime batch size (default 32)")
+    data.add_argument("--batch-size", type=int, default=8,
+                      help="ONNX Runtime batch size (default 8: bounds activation memory on big models)")
     data.add_argument("--seed", type=int, default=0, help="seed for synthetic data, row sampling and search")
     add_shape_args(parser)
     add_spectral_args(parser)
@@ -111,6 +112,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         fp16=args.fp16,
         output=args.output,
         seed=args.seed,
+        keep_dense=False,
         analyze=analyze_options_from_args(args),
         shape_spec=shape_spec_from_args(args),
     )

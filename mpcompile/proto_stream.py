@@ -1,0 +1,111 @@
+"""Read a big inline ONNX file without holding its weights: initializer data becomes external
+data pointing back into the file itself.
+
+Why: ``onnx.load`` reads the whole file into bytes and then parses it, two copies of every
+weight at once. The independent checker needs one weight at a time, so it parses a skeleton:
+the file is walked at the protobuf wire level (through ``mmap``, pages are only touched, not
+copied) and each main-graph initializer's ``raw_data`` is replaced by an external-data
+reference ``(this file, offset, length)``. ``numpy_helper.to_array`` then reads each tensor on
+demand, exactly as for a model saved with external data.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from google.protobuf.internal.encoder import _VarintBytes
+
+__all__ = ["load_skeleton"]
+
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_TENSOR_RAW_DATA = 9
+_TENSOR_EXTERNAL_DATA = 13
+_TENSOR_DATA_LOCATION = 14
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(field, wire type, field start, value start, value end)`` of each field in ``buf[start:end]``."""
+    pos = start
+    while pos < end:
+        key, value_start = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, value_end = _varint(buf, value_start)
+        elif wire == 1:
+            value_end = value_start + 8
+        elif wire == 2:
+            length, value_start = _varint(buf, value_start)
+            value_end = value_start + length
+        elif wire == 5:
+            value_end = value_start + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if value_end > end:
+            raise ValueError("truncated field")
+        yield field, wire, pos, value_start, value_end
+        pos = value_end
+
+
+def _message(field: int, payload: bytes) -> bytes:
+    return _VarintBytes(field << 3 | 2) + _VarintBytes(len(payload)) + payload
+
+
+def _entry(key: str, value: str) -> bytes:
+    return _message(_TENSOR_EXTERNAL_DATA, _message(1, key.encode()) + _message(2, value.encode()))
+
+
+def _tensor_stub(buf, start: int, end: int, location: str) -> bytes:
+    """The tensor's fields with ``raw_data`` swapped for an external reference into the file."""
+    kept, raw = bytearray(), None
+    for field, _wire, field_start, value_start, value_end in _fields(buf, start, end):
+        if field == _TENSOR_RAW_DATA:
+            raw = (value_start, value_end)
+        else:
+            kept += buf[field_start:value_end]
+    if raw is None:
+        return bytes(buf[start:end])
+    kept += _entry("location", location) + _entry("offset", str(raw[0])) + _entry("length", str(raw[1] - raw[0]))
+    kept += _VarintBytes(_TENSOR_DATA_LOCATION << 3) + _VarintBytes(onnx.TensorProto.EXTERNAL)
+    return bytes(kept)
+
+
+def load_skeleton(path: str | Path) -> onnx.ModelProto:
+    """Parse ``path`` with every main-graph initializer's data left in the file (see module doc).
+
+    Raises ``ValueError`` on a file that is not well-formed protobuf.
+    """
+    p = Path(path)
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        model, graph, has_graph = bytearray(), bytearray(), False
+        for field, wire, field_start, value_start, value_end in _fields(buf, 0, len(buf)):
+            if field != _MODEL_GRAPH or wire != 2:
+                model += buf[field_start:value_end]
+                continue
+            has_graph = True
+            for g_field, g_wire, g_start, v_start, v_end in _fields(buf, value_start, value_end):
+                if g_field == _GRAPH_INITIALIZER and g_wire == 2:
+                    graph += _message(_GRAPH_INITIALIZER, _tensor_stub(buf, v_start, v_end, p.name))
+                else:
+                    graph += buf[g_start:v_end]
+    if has_graph:
+        model += _message(_MODEL_GRAPH, bytes(graph))
+    return onnx.ModelProto.FromString(bytes(model))
