@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from mpcompile.passes.spectral_analysis import LayerAnalysis
-from mpcompile.trt.model import LayerShape, gpu_spec, model_speedup
+from mpcompile.trt.model import LayerShape, gpu_spec, model_speedup, predict_sparse_pick
 
-__all__ = ["REPORT_GPUS", "layer_shapes", "modeled_speedups"]
+__all__ = ["REPORT_GPUS", "layer_shapes", "modeled_speedups", "unprofitable_layers"]
 
 REPORT_GPUS = ("A40", "A100-SXM4-80GB")
 
@@ -39,3 +39,20 @@ def modeled_speedups(
     if not shapes:
         return []
     return [model_speedup(shapes, gpu_spec(name)).to_dict() for name in gpus]
+
+
+def unprofitable_layers(layers: list[LayerAnalysis], gpu: str) -> dict[str, str]:
+    """Eligible layers TensorRT is predicted to run dense on ``gpu`` even if 2:4: name → reason.
+
+    Why: pruning such a layer costs accuracy and buys nothing (TensorRT keeps its dense
+    tactic), so ``--only-profitable`` keeps it dense up front. Layers whose MACs are unknown
+    cannot be judged and are left to the other rules.
+    """
+    spec = gpu_spec(gpu)
+    eligible = {a.name for a in layers if a.layer.eligible}
+    verdicts = {}
+    for shape in layer_shapes([a for a in layers if a.name in eligible], eligible):
+        picked, reason = predict_sparse_pick(shape, spec)
+        if not picked:
+            verdicts[shape.name] = reason
+    return verdicts

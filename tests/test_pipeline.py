@@ -293,3 +293,38 @@ def test_cli_style_compile_releases_dense_weights_after_the_spectra(small_net, t
     assert kept.masks[0].dense.shape == kept.masks[0].sparse.shape
     with pytest.raises(UsageError, match="released"):
         _ = released.masks[0].dense
+
+
+def _two_layer_mlp(tmp_path, rows: int):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(512, 512)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(512, 64)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="wide"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="narrow")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 64])], initializer=[w1, w2])
+    path = tmp_path / f"mlp{rows}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_only_profitable_keeps_dense_what_tensorrt_would_run_dense(tmp_path):
+    from mpcompile.errors import UnsupportedModelError
+
+    path = _two_layer_mlp(tmp_path, rows=4096)
+    result = compile_model(path, CompileOptions(method="magnitude", permute=False, only_profitable="A100-SXM4-80GB",
+                                                synthetic_samples=2, output=str(tmp_path / "p.onnx")))
+    decisions = {d.name: d for d in result.selection.decisions}
+    assert decisions["wide"].sparse  # 4096×512×512: compute bound, 512 channels
+    assert not decisions["narrow"].sparse and "64" in decisions["narrow"].reason and "A100" in decisions["narrow"].reason
+    assert [c.node for c in check_model(tmp_path / "p.onnx").marked] == ["wide"]
+    plain = compile_model(path, CompileOptions(method="magnitude", permute=False, synthetic_samples=2,
+                                               output=str(tmp_path / "q.onnx")))
+    assert set(plain.selection.selected_names) == {"wide", "narrow"}
+    # one row: every GEMM is memory bound, nothing is worth pruning, and the error says why
+    with pytest.raises(UnsupportedModelError, match="only-profitable"):
+        compile_model(_two_layer_mlp(tmp_path, rows=1), CompileOptions(
+            method="magnitude", permute=False, only_profitable="A100-SXM4-80GB", output=str(tmp_path / "r.onnx")))

@@ -69,6 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="layer order for --target and --max-drift: mp (spectral budget, predicted), "
                             "drift (measured: each layer made 2:4 alone on calibration data, lowest output "
                             "drift per MAC first; one ONNX Runtime pass per layer), graph, macs (default mp)")
+    group.add_argument("--only-profitable", metavar="GPU",
+                       help="keep dense every layer the modeled predictor says TensorRT would run dense on GPU "
+                            "(e.g. A100-SXM4-80GB, A40): too few channels, misaligned, or memory bound at the "
+                            "analysed shapes; the report gives each reason")
     group.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                        help="keep this layer dense (repeatable; names as printed by analyze)")
     group.add_argument("--no-permute", dest="permute", action="store_false",
@@ -104,6 +108,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         sparsity=args.sparsity,
         order=args.order,
         exclude=tuple(args.exclude),
+        only_profitable=args.only_profitable,
         calib=args.calib,
         eval_data=args.eval_data,
         calib_samples=args.calib_samples,
