@@ -22,10 +22,12 @@ logger = logging.getLogger("benchmarks")
 
 # (name, script, exit code meaning "skipped: needs hardware this machine lacks")
 BENCHMARKS = (
+    ("mp_fit_accuracy", "mp_fit_accuracy.py", None),
     ("permutation", "permutation.py", None),
     ("analyze_speed", "analyze_speed.py", None),
     ("quality", "quality.py", None),
     ("compile_speed", "compile_speed.py", None),
+    ("seed_methods", "seed_methods.py", None),
     ("gpu_audit", "gpu_audit.py", 6),
 )
 

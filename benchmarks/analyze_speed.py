@@ -172,6 +172,19 @@ def machine_info() -> dict[str, Any]:
             "blas_threads_env": {k: os.environ[k] for k in _BLAS_ENV if k in os.environ}}
 
 
+def run_header(benchmark: str, quick: bool) -> dict[str, Any]:
+    """The fields every benchmark's JSON starts with: what ran, when, where, with what."""
+    return {
+        "benchmark": benchmark,
+        "mode": "quick" if quick else "full",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "loadavg_at_end": list(os.getloadavg()),
+        "versions": versions(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
 def versions() -> dict[str, str]:
     import onnx
     import onnx_ir
@@ -315,13 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     return {
-        "benchmark": "analyze_speed",
-        "mode": "quick" if args.quick else "full",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "loadavg_at_end": list(os.getloadavg()),
-        "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **run_header("analyze_speed", args.quick),
         "model": {"path": str(model.path), "shape": dataclasses.asdict(config), "seed": args.seed,
                   "planted_rank": model.planted_rank, "parameters": model.parameters,
                   "file_bytes": model.file_bytes, "gemm_layers": model.gemm_layers, "cached": cached,

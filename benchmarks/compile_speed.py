@@ -37,7 +37,6 @@ import datetime as dt
 import importlib.util
 import json
 import logging
-import os
 import pstats
 import shutil
 import subprocess
@@ -55,9 +54,8 @@ from benchmarks.analyze_speed import (
     Measurement,
     _generator_hash,
     cached_vit,
-    machine_info,
+    run_header,
     measure,
-    versions,
 )
 from benchmarks.model_generators import (
     RESNET50,
@@ -431,13 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(bench_model(label, model, cached, args, polygraphy))
     compile_targets = [t for r in records for k, t in r["targets"].items() if k.startswith("compile")]
     report = {
-        "benchmark": "compile_speed",
-        "mode": "quick" if args.quick else "full",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "loadavg_at_end": list(os.getloadavg()),
-        "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **run_header("compile_speed", args.quick),
         "polygraphy_unavailable": why_not,
         "models": records,
         "all_compile_targets_pass": bool(compile_targets) and all(

@@ -47,7 +47,6 @@ is recorded), since an oversubscribed OpenBLAS inflates them many-fold.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
@@ -63,7 +62,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.analyze_speed import machine_info, versions  # noqa: E402
+from benchmarks.analyze_speed import run_header  # noqa: E402
 from mpcompile.numerics.mp_law import (  # noqa: E402
     fit_mp,
     fit_mp_from_eigenvalues,
@@ -480,14 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     print("timing:", flush=True)
     timing = time_vit(args)
     report = {
-        "benchmark": "mp_fit_accuracy",
-        "mode": "quick" if args.quick else "full",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        **run_header("mp_fit_accuracy", args.quick),
         "loadavg_at_start": load_start,
-        "loadavg_at_end": list(os.getloadavg()),
-        "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "parameters": {"seed": args.seed, "noise_seeds": args.seeds, "spike_seeds": args.spike_seeds,
                        "timing_repeats": args.timing_repeats, "variances": list(VARIANCES),
                        "spike_variance": SPIKE_VARIANCE, "ranks": list(RANKS),

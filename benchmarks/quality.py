@@ -31,7 +31,6 @@ Writes ``benchmarks/results/quality.json`` and ``quality.md`` (``quality_quick.*
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -50,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` and `mpcompile` importable
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.analyze_speed import machine_info, versions
+from benchmarks.analyze_speed import run_header
 from benchmarks.model_generators import WORK_DIR
 
 logger = logging.getLogger("quality")
@@ -604,13 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             })
 
     report = {
-        "benchmark": "quality",
-        "mode": "quick" if args.quick else "full",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "loadavg_at_end": list(os.getloadavg()),
-        "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **run_header("quality", args.quick),
         "ours": OURS,
         "variants": [asdict(v) for v in variants],
         "settings": [asdict(s) | {"key": s.key} for s in SETTINGS],
