@@ -278,8 +278,9 @@ def compile_model(
     selected = [a.layer for a in analysis.result.layers if a.name in set(selection.selected_names)]
 
     unstructured = method in UNSTRUCTURED_METHODS
-    if unstructured and (opts.max_drift is not None or opts.conv == "im2col"):
-        raise UsageError(f"--method {method} is unstructured: --max-drift and --conv im2col apply to 2:4 only")
+    if unstructured and (opts.max_drift is not None or opts.conv == "im2col" or measured_order):
+        raise UsageError(f"--method {method} is unstructured: --max-drift, --order {' '.join(MEASURED_ORDERS)} "
+                         "and --conv im2col apply to 2:4 only")
     t = time.perf_counter()
     stats_by_node: dict[ir.Node, LayerStats] = {}
     # Statistics only matter to data-aware masks (and to judging permutations under them);
@@ -317,8 +318,6 @@ def compile_model(
 
     masks = sparsify.results
     if measured_order:
-        if unstructured:
-            raise UsageError(f"--order {opts.order} ranks 2:4 masks; --method {method} is unstructured")
         t = time.perf_counter()
         masks = _rank_by_drift(model, dense_sample_out, drift_sample, selected, masks, selection, opts, progress)
         notes.append(f"--order {opts.order}: layers ranked by the relative output drift each causes alone on "

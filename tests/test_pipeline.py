@@ -328,3 +328,13 @@ def test_only_profitable_keeps_dense_what_tensorrt_would_run_dense(tmp_path):
     with pytest.raises(UnsupportedModelError, match="only-profitable"):
         compile_model(_two_layer_mlp(tmp_path, rows=1), CompileOptions(
             method="magnitude", permute=False, only_profitable="A100-SXM4-80GB", output=str(tmp_path / "r.onnx")))
+
+
+@pytest.mark.parametrize("option", [{"max_drift": 0.1}, {"order": "drift"}, {"conv": "im2col"}])
+def test_unstructured_methods_refuse_2_4_only_options(small_net, tmp_path, option):
+    from mpcompile.errors import UsageError
+
+    out = tmp_path / "u.onnx"
+    with pytest.raises(UsageError, match="unstructured"):
+        compile_model(small_net, CompileOptions(method="rmt-sv", output=str(out), **option))
+    assert not out.exists()
