@@ -287,9 +287,9 @@ def compile_model(
     # magnitude permutations score |W| alone, so no capture pass is spent for them.
     if not unstructured and method in DATA_METHODS:
         with progress("calibration", len(selected)) as advance:
-            stats = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8), seed=opts.seed,
-                                        progress=advance)
-        stats_by_node = {layer.node: stats[layer.name] for layer in selected}
+            captured = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8),
+                                           seed=opts.seed, progress=advance)
+        stats_by_node = {layer.node: captured.pop(layer.name) for layer in selected}
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -317,6 +317,12 @@ def compile_model(
     timings["mask"] = time.perf_counter() - t
 
     masks = sparsify.results
+    # The input covariances (K² per layer) are spent: drop them before the stages that load
+    # the model into ONNX Runtime again.
+    sparsify.stats = {}
+    stats_by_node.clear()
+    stats_by_name.clear()
+    release_freed_memory()
     if measured_order:
         t = time.perf_counter()
         masks = _rank_by_drift(model, dense_sample_out, drift_sample, selected, masks, selection, opts, progress)
