@@ -185,6 +185,14 @@ def run_header(benchmark: str, quick: bool) -> dict[str, Any]:
     }
 
 
+def save_results(report: dict[str, Any], out: Path, markdown: str | None = None) -> None:
+    """Write ``report`` as JSON at ``out`` (and ``markdown`` beside it as ``.md``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if markdown is not None:
+        out.with_suffix(".md").write_text(markdown + "\n")
+
+
 def versions() -> dict[str, str]:
     import onnx
     import onnx_ir
@@ -399,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     name = "analyze_speed_quick.json" if args.quick else "analyze_speed.json"
     out = args.output or RESULTS_DIR / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    save_results(result, out)
     print(f"\nsaved {out}")
     return 0 if result["all_targets_pass"] else 1
 

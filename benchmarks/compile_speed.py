@@ -55,6 +55,7 @@ from benchmarks.analyze_speed import (
     _generator_hash,
     cached_vit,
     run_header,
+    save_results,
     measure,
 )
 from benchmarks.model_generators import (
@@ -383,9 +384,8 @@ def diagnose_only(path: Path) -> int:
                 print(f"{record['model']} {key}: peak RSS per stage", flush=True)
                 record["stage_memory"] = {"of": key, **stage_memory(model, key.split("_", 1)[1])}
     report["diagnostics_added"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     text = markdown(report)
-    path.with_suffix(".md").write_text(text + "\n")
+    save_results(report, path, text)
     print("\n" + text)
     return 0
 
@@ -436,10 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             t["wall_pass"] and t["rss_pass"] for t in compile_targets),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     text = markdown(report)
-    out.with_suffix(".md").write_text(text + "\n")
+    save_results(report, out, text)
     print("\n" + text)
     print(f"saved {out} and {out.with_suffix('.md')} ({report['seconds']} s)")
     errors = [k for r in records for k, run in r["runs"].items() if "error" in run]

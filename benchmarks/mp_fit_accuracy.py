@@ -47,7 +47,6 @@ is recorded), since an oversubscribed OpenBLAS inflates them many-fold.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -62,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.analyze_speed import run_header  # noqa: E402
+from benchmarks.analyze_speed import run_header, save_results  # noqa: E402
 from mpcompile.numerics.mp_law import (  # noqa: E402
     fit_mp,
     fit_mp_from_eigenvalues,
@@ -495,9 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(report)
     stem = "mp_fit_accuracy_quick" if args.quick else "mp_fit_accuracy"
     out = args.output or RESULTS_DIR / f"{stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    out.with_suffix(".md").write_text(markdown(report) + "\n")
+    save_results(report, out, markdown(report))
     print(f"\nsaved {out} and {out.with_suffix('.md')}")
     return 0
 

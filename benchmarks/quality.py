@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` and `mpcompile` importable
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.analyze_speed import run_header
+from benchmarks.analyze_speed import run_header, save_results
 from benchmarks.model_generators import WORK_DIR
 
 logger = logging.getLogger("quality")
@@ -616,9 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(report)
     stem = "quality_quick" if args.quick else "quality"
     out = args.output or RESULTS_DIR / f"{stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    out.with_suffix(".md").write_text(markdown(report) + "\n")
+    save_results(report, out, markdown(report))
     print(f"\nsaved {out} and {out.with_suffix('.md')} ({report['seconds']} s)")
     return 1 if report["errors"] else 0
 
