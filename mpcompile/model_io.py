@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from mpcompile.errors import ExternalDataError, InvalidModelError, UsageError
+from mpcompile.proto_stream import write_inline_streamed
 from mpcompile.shapes import weightless_copy
 
 __all__ = ["LoadedModel", "load_model", "save_model", "default_output_path", "TWO_GB"]
@@ -213,47 +214,6 @@ def _weight_bytes(model: ir.Model) -> int:
         if tensor is not None:
             total += tensor.nbytes
     return total
-
-
-_MODEL_GRAPH_FIELD = 7  # ModelProto.graph
-_GRAPH_INITIALIZER_FIELD = 5  # GraphProto.initializer
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    from google.protobuf.internal.encoder import _VarintBytes
-
-    return _VarintBytes(field_number << 3 | 2) + _VarintBytes(len(payload)) + payload
-
-
-def write_inline_streamed(model: ir.Model, path: str | os.PathLike) -> None:
-    """Write ``model`` as one self-contained ONNX file, one initializer at a time.
-
-    Why: building the whole ModelProto and serialising it holds two extra copies of every
-    weight at once (the proto, then its bytes): ~2× the model on top of the model itself.
-    Protobuf merges repeated occurrences of an embedded message field, so the file is the
-    model without its main-graph initializers followed by one ``graph { initializer {…} }``
-    record per tensor; every ONNX reader (onnx, ONNX Runtime, TensorRT's parser) reads it as
-    the same model, and peak extra memory is one tensor.
-    """
-    graph = model.graph
-    initializers = list(graph.initializers.values())
-    for value in initializers:
-        graph.initializers.pop(value.name)
-    try:
-        head = ir.serde.serialize_model(model).SerializeToString()
-    finally:
-        for value in initializers:
-            graph.initializers[value.name] = value
-    with open(path, "wb") as f:
-        f.write(head)
-        for value in initializers:
-            if value.const_value is None:
-                continue
-            tensor = ir.serde.serialize_tensor(value.const_value)
-            tensor.name = value.name
-            record = _length_delimited(_GRAPH_INITIALIZER_FIELD, tensor.SerializeToString())
-            del tensor
-            f.write(_length_delimited(_MODEL_GRAPH_FIELD, record))
 
 
 def save_model(

@@ -1,7 +1,12 @@
-"""Read a big inline ONNX file without holding its weights: initializer data becomes external
-data pointing back into the file itself.
+"""Write and read big inline ONNX files one tensor at a time, at the protobuf wire level.
 
-Why: ``onnx.load`` reads the whole file into bytes and then parses it, two copies of every
+Writing (:func:`write_inline_streamed`): building the whole ModelProto and serialising it holds
+two extra copies of every weight. Protobuf merges repeated occurrences of an embedded message
+field, so the file is written as the model without its main-graph initializers followed by one
+``graph { initializer {…} }`` record per tensor; every ONNX reader (onnx, ONNX Runtime,
+TensorRT's parser) reads it as the same model.
+
+Reading (:func:`load_skeleton`): ``onnx.load`` reads the whole file into bytes and then parses it, two copies of every
 weight at once. The independent checker needs one weight at a time, so it parses a skeleton:
 the file is walked at the protobuf wire level (through ``mmap``, pages are only touched, not
 copied) and each main-graph initializer's ``raw_data`` is replaced by an external-data
@@ -12,13 +17,15 @@ demand, exactly as for a model saved with external data.
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from google.protobuf.internal.encoder import _VarintBytes
 
-__all__ = ["load_skeleton"]
+__all__ = ["load_skeleton", "write_inline_streamed"]
 
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
@@ -109,3 +116,27 @@ def load_skeleton(path: str | Path) -> onnx.ModelProto:
     if has_graph:
         model += _message(_MODEL_GRAPH, bytes(graph))
     return onnx.ModelProto.FromString(bytes(model))
+
+
+def write_inline_streamed(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` as one self-contained ONNX file, one initializer at a time (see module doc):
+    the peak extra memory is one tensor instead of two copies of every weight."""
+    graph = model.graph
+    initializers = list(graph.initializers.values())
+    for value in initializers:
+        graph.initializers.pop(value.name)
+    try:
+        head = ir.serde.serialize_model(model).SerializeToString()
+    finally:
+        for value in initializers:
+            graph.initializers[value.name] = value
+    with open(path, "wb") as f:
+        f.write(head)
+        for value in initializers:
+            if value.const_value is None:
+                continue
+            tensor = ir.serde.serialize_tensor(value.const_value)
+            tensor.name = value.name
+            record = _message(_GRAPH_INITIALIZER, tensor.SerializeToString())
+            del tensor
+            f.write(_message(_MODEL_GRAPH, record))
