@@ -43,3 +43,14 @@ def export(tmp_path):
         return export_torch(module, args, tmp_path / f"m{counter['n']}.onnx", dynamo=dynamo, **kw)
 
     return _export
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Tiny torch workloads: a second intra-op thread only adds contention on a 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
