@@ -3,15 +3,14 @@ per-layer input statistics captured by exposing intermediate tensors.
 
 Why statistics and not activations: CAST, Wanda and SparseGPT need only the second moment
 ``XᵀX/rows`` of each layer's input (in TensorRT's reduction order), which is ``K²`` memory
-whatever the calibration size. Layers are processed in chunks whose Gram matrices fit a
-memory budget, each chunk costing one pass of ONNX Runtime over the calibration batches.
+whatever the calibration size; one pass of ONNX Runtime over the calibration batches
+captures every layer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +26,21 @@ from mpcompile.passes.gemm_discovery import GemmLayer
 from mpcompile.shapes import ShapeSpec
 
 __all__ = [
+    "MAX_ROWS_PER_SAMPLE",
     "CalibrationData",
-    "load_calibration",
-    "synthetic_inputs",
-    "make_session",
-    "run_model",
+    "ModelRunner",
     "capture_layer_stats",
-    "MAX_ROWS_PER_BATCH",
+    "load_calibration",
+    "run_model",
+    "synthetic_inputs",
 ]
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS_PER_BATCH = 4096
-GRAM_BUDGET_BYTES = 256 * 2**20  # float32 K×K sums held at once while capturing
-SESSION_VIA_FILE_BYTES = 64 * 2**20
+MAX_ROWS_PER_SAMPLE = 512  # random input rows kept per calibration sample and layer
+CAPTURE_OUTPUT_BUDGET_BYTES = 128 * 2**20  # exposed layer inputs of one capture batch
+FED_WEIGHT_MIN_BYTES = 4096  # smaller initializers stay constants of the session graph
+_FED_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
 
 
 def _load_libc():
@@ -93,7 +93,10 @@ class CalibrationData:
                 f"the model has a static batch of {size} but only {self.samples} samples were given"
             )
         for start in range(0, stop, size):
-            yield {k: v[start : start + size] for k, v in self.inputs.items()}
+            yield self.slice(start, start + size)
+
+    def slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {k: v[start:stop] for k, v in self.inputs.items()}
 
     @property
     def used_labels(self) -> np.ndarray | None:
@@ -212,30 +215,56 @@ def synthetic_inputs(model: ir.Model, spec: ShapeSpec, samples: int = 32, seed: 
                            static_batch=static_batch(model))
 
 
-def make_session(model: ir.Model, extra_outputs: list[ir.Value] = ()) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session for ``model`` with extra intermediate tensors exposed.
+class ModelRunner:
+    """An ONNX Runtime CPU session over ``model`` whose large float weights are fed as inputs.
 
-    Big models go to ONNX Runtime through a temporary file with external data, written
-    tensor by tensor: building a ModelProto and serialising it would hold two extra copies
-    of every weight in memory while the session loads its own.
+    Why fed and not baked in: a session copies (and pre-packs) every initializer when it is
+    created, a second copy of the model beside ours, which set the peak memory of a compile;
+    serialising the model for it cost a third. Fed from our tensors at each run, the session
+    holds no weights, starts in milliseconds and runs as fast (measured on ViT-B/16 and
+    ResNet-50 shapes). It reads each weight's current tensor at every run, so rewrites of
+    existing initializers between runs are seen.
     """
-    added = [v for v in dict.fromkeys(extra_outputs) if v not in model.graph.outputs]
-    model.graph.outputs.extend(added)
-    try:
-        if _weight_bytes(model) > SESSION_VIA_FILE_BYTES:
-            with tempfile.TemporaryDirectory(prefix="mpcompile-ort-") as folder:
-                path = os.path.join(folder, "model.onnx")
-                ir.save(model, path, external_data="model.onnx.data")
-                return ort.InferenceSession(path, _session_options(), providers=["CPUExecutionProvider"])
-        payload = ir.to_proto(model).SerializeToString()
-    finally:
-        for value in added:
-            model.graph.outputs.remove(value)
-    return ort.InferenceSession(payload, _session_options(), providers=["CPUExecutionProvider"])
+
+    def __init__(self, model: ir.Model, extra_outputs: list[ir.Value] = ()) -> None:
+        graph = model.graph
+        self._fed = [v for v in graph.initializers.values() if _is_fed(v)]
+        added = [v for v in dict.fromkeys(extra_outputs) if v not in graph.outputs]
+        order = list(graph.initializers.values())
+        moved = [v for v in self._fed if v not in graph.inputs]
+        tensors = {v.name: v.const_value for v in self._fed}
+        graph.outputs.extend(added)
+        try:
+            for value in self._fed:
+                graph.initializers.pop(value.name)
+                value.const_value = None
+            graph.inputs.extend(moved)
+            payload = ir.to_proto(model).SerializeToString()
+        finally:
+            for value in moved:
+                graph.inputs.remove(value)
+            for value in self._fed:
+                value.const_value = tensors[value.name]
+            graph.initializers.clear()
+            for value in order:
+                graph.register_initializer(value)
+            for value in added:
+                graph.outputs.remove(value)
+        self.session = ort.InferenceSession(payload, _session_options(), providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, batch: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+        feeds = dict(batch)
+        for value in self._fed:
+            feeds[value.name] = value.const_value.numpy()
+        return self.session.run(names or self.output_names, feeds)
 
 
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+def _is_fed(value: ir.Value) -> bool:
+    """Large float initializers of the main graph; small ones (shapes, scalars) stay constants."""
+    tensor = value.const_value
+    return (tensor is not None and tensor.dtype in _FED_DTYPES and tensor.nbytes >= FED_WEIGHT_MIN_BYTES
+            and value not in value.graph.outputs)
 
 
 def _session_options() -> ort.SessionOptions:
@@ -261,15 +290,14 @@ def release_freed_memory() -> None:
 
 def run_model(model: ir.Model, data: CalibrationData, batch_size: int = 64) -> list[np.ndarray]:
     """Graph outputs of ``model`` over all calibration samples, concatenated per output."""
-    session = make_session(model)
-    names = [o.name for o in session.get_outputs()]
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    runner = ModelRunner(model)
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
     for batch in data.batches(batch_size):
-        for name, out in zip(names, session.run(names, batch)):
+        for name, out in zip(runner.output_names, runner.run(batch)):
             chunks[name].append(out)
-    del session
+    del runner
     release_freed_memory()
-    return [np.concatenate(chunks[n]) for n in names]
+    return [np.concatenate(parts) for parts in chunks.values()]
 
 
 def _conv_geometry(node: ir.Node, x_shape: tuple[int, ...], kernel: tuple[int, ...]) -> dict:
@@ -317,30 +345,77 @@ def capture_layer_stats(
     data: CalibrationData,
     *,
     batch_size: int = 8,
-    max_rows: int = MAX_ROWS_PER_BATCH,
+    max_rows_per_sample: int = MAX_ROWS_PER_SAMPLE,
     seed: int = 0,
-    gram_budget_bytes: int = GRAM_BUDGET_BYTES,
+    output_budget_bytes: int = CAPTURE_OUTPUT_BUDGET_BYTES,
     progress: Callable[[str], None] | None = None,
+    graph_outputs: list[list[np.ndarray]] | None = None,
 ) -> dict[str, LayerStats]:
     """``LayerStats`` (Gram of the input rows in TensorRT order) for each layer, by name.
 
-    Layers reading the same tensor share the capture. At most ``max_rows`` random rows are
-    taken from each batch (conv rows via im2col), bounding time on big feature maps.
+    One pass of ONNX Runtime over the calibration data exposes every layer's input. Layers
+    reading the same tensor share the capture. The batch is sized so the exposed tensors of
+    one batch stay within ``output_budget_bytes`` (measured on a first one-sample batch): the
+    Gram matrices are kept until masking anyway, so splitting the layers over several passes
+    would cost time and save nothing. At most ``max_rows_per_sample`` random rows per sample
+    are kept (conv rows via im2col), bounding time on big feature maps. Given a list,
+    ``graph_outputs`` receives the model's outputs over the same samples (what
+    :func:`run_model` returns), saving the pass that would compute them.
     """
     rng = np.random.default_rng(seed)
-    stats: dict[str, LayerStats] = {}
-    chunk: list[GemmLayer] = []
-    used = 0
+    inputs = [layer.node.inputs[0] for layer in layers]
+    runner = ModelRunner(model, inputs)
+    names = list(dict.fromkeys(v.name for v in inputs))
+    output_names = [v.name for v in model.graph.outputs] if graph_outputs is not None else []
+    output_parts: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    readers: dict[str, GemmLayer] = {}
+    for layer in layers:  # the first layer of each key extracts the rows for all of them
+        readers.setdefault(_capture_key(layer), layer)
+    # float32 sums of upper triangles (each batch's product is symmetric): a quarter of the
+    # memory of full float64 matrices, at a relative error ~1e-6, far below what the masks'
+    # damping tolerates. Only one full K×K product exists at a time.
+    sums = {key: np.zeros(layer.reduction * (layer.reduction + 1) // 2, np.float32)
+            for key, layer in readers.items()}
+    counts = dict.fromkeys(sums, 0)
+    size = data.static_batch or 1
+    stop = data.samples - data.samples % size if data.static_batch else data.samples
+    if stop == 0:
+        raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
+    start = 0
+    while start < stop:
+        take = min(size, stop - start)
+        fetched = list(dict.fromkeys([*names, *output_names]))
+        outputs = dict(zip(fetched, runner.run(data.slice(start, start + take), fetched)))
+        for name in output_names:
+            output_parts[name].append(outputs[name])
+        for key, layer in readers.items():
+            rows = layer_rows(layer, outputs[layer.node.inputs[0].name], rng, max_rows_per_sample * take)
+            if rows.shape[1] != layer.reduction:
+                raise UsageError(
+                    f"{layer.name}: captured input has {rows.shape[1]} columns, expected K={layer.reduction}"
+                )
+            sums[key] += LayerStats.upper_of(rows.T @ rows)
+            counts[key] += rows.shape[0]
+        if start == 0 and not data.static_batch:
+            per_sample = sum(outputs[name].nbytes for name in names) / take
+            size = int(max(1, min(batch_size, output_budget_bytes // max(per_sample, 1))))
+        del outputs
+        start += take
+    del runner
+    if graph_outputs is not None:
+        graph_outputs.extend(np.concatenate(output_parts.pop(name)) for name in output_names)
+    shared = {}
+    for key, total in sums.items():  # kept compact: float32 upper triangles (19 MB at K = 3072)
+        total /= np.float32(max(counts[key], 1))
+        shared[key] = LayerStats.from_upper(total, readers[key].reduction, counts[key])
+    del sums
+    release_freed_memory()
+    result = {}
     for layer in layers:
-        size = 4 * layer.reduction**2
-        if chunk and used + size > gram_budget_bytes:
-            stats.update(_capture_chunk(model, chunk, data, batch_size, max_rows, rng, progress))
-            chunk, used = [], 0
-        chunk.append(layer)
-        used += size
-    if chunk:
-        stats.update(_capture_chunk(model, chunk, data, batch_size, max_rows, rng, progress))
-    return stats
+        result[layer.name] = shared[_capture_key(layer)]
+        if progress is not None:
+            progress(layer.name)
+    return result
 
 
 def _capture_key(layer: GemmLayer) -> str:
@@ -348,38 +423,3 @@ def _capture_key(layer: GemmLayer) -> str:
     if layer.op_type == "Conv" or (layer.op_type == "Gemm" and layer.node.attributes.get_int("transA", 0)):
         return f"layer:{layer.name}"
     return f"input:{layer.node.inputs[0].name}"
-
-
-def _capture_chunk(model, chunk, data, batch_size, max_rows, rng, progress) -> dict[str, LayerStats]:
-    inputs = [layer.node.inputs[0] for layer in chunk]
-    session = make_session(model, inputs)
-    names = list(dict.fromkeys(v.name for v in inputs))
-    readers: dict[str, GemmLayer] = {}
-    for layer in chunk:  # the first layer of each key extracts the rows for all of them
-        readers.setdefault(_capture_key(layer), layer)
-    # float32 sums (BLAS accumulates each batch's product; batches are few): half the memory
-    # of float64 at a relative error ~1e-6, far below what the masks' damping tolerates.
-    sums = {key: np.zeros((layer.reduction, layer.reduction), np.float32) for key, layer in readers.items()}
-    counts = dict.fromkeys(sums, 0)
-    for batch in data.batches(batch_size):
-        outputs = dict(zip(names, session.run(names, batch)))
-        for key, layer in readers.items():
-            rows = layer_rows(layer, outputs[layer.node.inputs[0].name], rng, max_rows)
-            if rows.shape[1] != layer.reduction:
-                raise UsageError(
-                    f"{layer.name}: captured input has {rows.shape[1]} columns, expected K={layer.reduction}"
-                )
-            sums[key] += rows.T @ rows
-            counts[key] += rows.shape[0]
-    del session
-    # Stored float32 (36 MB at K = 3072); the mask methods promote to float64 per layer.
-    shared = {key: LayerStats(gram=sums[key] / np.float32(max(counts[key], 1)), rows=counts[key])
-              for key in sums}
-    del sums
-    release_freed_memory()
-    result = {}
-    for layer in chunk:
-        result[layer.name] = shared[_capture_key(layer)]
-        if progress is not None:
-            progress(layer.name)
-    return result
