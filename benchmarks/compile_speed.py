@@ -197,7 +197,7 @@ def stage_memory_child(model: str, method: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mpc_stage_mem_") as tmp:
         start = time.perf_counter()
         result = compile_model(model, CompileOptions(
-            method=method, output=str(Path(tmp) / "out.onnx"),
+            method=method, output=str(Path(tmp) / "out.onnx"), keep_dense=False,  # as the CLI
             shape_spec=ShapeSpec(inputs={name: tuple(int(d) for d in dims.split("x"))})), progress=progress)
         end = time.perf_counter()
     stop.set()

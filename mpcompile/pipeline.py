@@ -30,15 +30,16 @@ from mpcompile.calibration import (
 )
 from mpcompile.errors import UnsupportedModelError, UsageError
 from mpcompile.model_io import default_output_path, load_model, save_model
-from mpcompile.numerics.masks import MASK_METHODS, LayerStats
+from mpcompile.numerics.masks import MASK_METHODS, LayerStats, PackedMaskResult
+from mpcompile.numerics.spectrum_change import spectrum_change
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms
-from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
 from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask, restore_dense, write_matrix
+from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
 from mpcompile.selection import MEASURED_ORDERS, Selection, rank_by_measurement, select_layers
 from mpcompile.shapes import ShapeSpec
 from mpcompile.validate import OutputComparison, compare_outputs, relative_drift
 
-__all__ = ["CompileOptions", "CompileResult", "compile_model", "ProgressFactory"]
+__all__ = ["CompileOptions", "CompileResult", "ProgressFactory", "compile_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,30 +163,6 @@ class CompileResult:
         )
 
 
-def spectrum_change(dense: np.ndarray, sparse: np.ndarray, top_k: int = 8) -> dict[str, float | int]:
-    """Seed 003: relative spectral / Frobenius error and how many top singular values stay within 5 %.
-
-    Singular values come from the Gram eigenvalues of the smaller side (no singular vectors
-    are needed), which is several times cheaper than an SVD on large layers. (LAPACK's
-    subset eigensolver for only the top k was measured 2× slower here than the full one.)
-    """
-    from mpcompile.numerics.mp_law import matrix_eigenvalues
-
-    d = dense.astype(np.float32)
-    diff = d - sparse.astype(np.float32)
-    sd = np.sqrt(matrix_eigenvalues(d))[::-1]
-    ss = np.sqrt(matrix_eigenvalues(sparse.astype(np.float32)))[::-1]
-    spectral_diff = float(np.sqrt(matrix_eigenvalues(diff)[-1]))
-    k = min(top_k, sd.size)
-    within = int(np.sum(np.abs(ss[:k] - sd[:k]) <= 0.05 * np.maximum(sd[:k], 1e-12)))
-    return {
-        "relative_spectral_error": spectral_diff / max(float(sd[0]), 1e-12),
-        "relative_frobenius_error": float(np.linalg.norm(diff) / max(np.linalg.norm(d), 1e-12)),
-        "top_k": k,
-        "top_k_within_5pct": within,
-    }
-
-
 def _resolve_method(options: CompileOptions, has_data: bool) -> str:
     method = options.method or ("cast-obs" if has_data else "magnitude")
     if method not in MASK_METHODS and method not in UNSTRUCTURED_METHODS:
@@ -228,9 +205,13 @@ def compile_model(
     if opts.eval_data:
         eval_data = load_calibration(opts.eval_data, loaded.model)
         eval_source = f"file:{opts.eval_data}"
-    # Dense reference outputs now, before any rewrite: cheaper than keeping a copy of the model.
+    method = _resolve_method(opts, from_user or opts.method in DATA_METHODS)
+    unstructured = method in UNSTRUCTURED_METHODS
+    # Dense reference outputs before any rewrite: cheaper than keeping a copy of the model.
+    # When calibration runs over the evaluation data, its pass gives them.
+    from_capture = eval_data is data and method in DATA_METHODS and not unstructured
     t = time.perf_counter()
-    dense_eval_out = run_model(loaded.model, eval_data, opts.batch_size)[0]
+    dense_eval_out = None if from_capture else run_model(loaded.model, eval_data, opts.batch_size)[0]
     dense_calib_out = (
         dense_eval_out if eval_data is data
         else run_model(loaded.model, data, opts.batch_size)[0] if opts.max_drift is not None else None
@@ -239,7 +220,6 @@ def compile_model(
     drift_sample = _subset(data, DRIFT_ORDER_SAMPLES) if measured_order else None
     dense_sample_out = run_model(loaded.model, drift_sample, opts.batch_size)[0] if drift_sample is not None else None
     timings["validate"] = time.perf_counter() - t
-    method = _resolve_method(opts, from_user or opts.method in DATA_METHODS)
     if not from_user:
         notes.append(f"no --calib given: calibration and validation use {data.source}")
 
@@ -267,7 +247,6 @@ def compile_model(
     layers = {a.layer.node: a.layer for a in analysis.result.layers}
     selected = [a.layer for a in analysis.result.layers if a.name in set(selection.selected_names)]
 
-    unstructured = method in UNSTRUCTURED_METHODS
     if unstructured and (opts.max_drift is not None or opts.conv == "im2col" or measured_order):
         raise UsageError(f"--method {method} is unstructured: --max-drift, --order {' '.join(MEASURED_ORDERS)} "
                          "and --conv im2col apply to 2:4 only")
@@ -277,22 +256,40 @@ def compile_model(
     # magnitude permutations score |W| alone, so no capture pass is spent for them.
     if not unstructured and method in DATA_METHODS:
         with progress("calibration", len(selected)) as advance:
+            outputs: list[np.ndarray] = []
             captured = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8),
-                                           seed=opts.seed, progress=advance)
+                                           seed=opts.seed, progress=advance,
+                                           graph_outputs=outputs if from_capture else None)
         stats_by_node = {layer.node: captured.pop(layer.name) for layer in selected}
+        if from_capture:
+            dense_eval_out = outputs[0]
+            dense_calib_out = dense_eval_out
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     permutations: list[PermutationRecord] = []
+    precomputed: dict[str, PackedMaskResult] = {}  # masks the permutation judge already computed
     if opts.permute and not unstructured:
-        permutations = _permute(model, selected, list(layers.values()), stats_by_node, method, opts, progress)
+        permutations = _permute(model, selected, list(layers.values()), stats_by_node, method, opts, progress,
+                                precomputed)
         # folds may create new initializers: rediscover so every layer reads the current weights
         rediscovered = {layer.node: layer for layer in discover_gemms(model, analysis.shapes)}
         selected = [rediscovered[layer.node] for layer in selected]
     timings["permute"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # The mask pass takes the statistics over and drops each layer's once it is masked.
     stats_by_name = {layer.name: stats_by_node[layer.node] for layer in selected if layer.node in stats_by_node}
+    stats_by_node.clear()
+    keep_dense = opts.keep_dense or measured_order or opts.max_drift is not None
+    spectra: dict[str, dict[str, float | int]] = {}
+
+    def settle(mask: LayerMask) -> None:
+        """Seed 003's spectrum figures while the dense weight is at hand, then let it go:
+        holding every pre-mask weight to the end of the stage doubled the model in memory."""
+        spectra[mask.layer] = spectrum_change(mask.dense, mask.sparse)
+        mask.release_dense()
+
     with progress(f"{method} masks", len(selected)) as advance:
         if unstructured:
             fits = {a.name: a.fit for a in analysis.result.layers if a.fit is not None}
@@ -302,7 +299,9 @@ def compile_model(
                          "no 2:4 kernel runs it, no speedup is modeled")
         else:
             sparsify = Apply24SparsityPass(selected, method=method,
-                                           stats=stats_by_name if method in DATA_METHODS else None, progress=advance)
+                                           stats=stats_by_name if method in DATA_METHODS else None, progress=advance,
+                                           after_each=None if keep_dense else settle, precomputed=precomputed)
+        del stats_by_name, precomputed
         sparsify(model)
     timings["mask"] = time.perf_counter() - t
 
@@ -310,8 +309,6 @@ def compile_model(
     # The input covariances (K² per layer) are spent: drop them before the stages that load
     # the model into ONNX Runtime again.
     sparsify.stats = {}
-    stats_by_node.clear()
-    stats_by_name.clear()
     release_freed_memory()
     if measured_order:
         t = time.perf_counter()
@@ -333,9 +330,9 @@ def compile_model(
 
         ConvertToFloat16Pass()(model)
 
-    # Seed 003's spectrum-preservation figures, while the dense weights are still at hand.
+    # Seed 003's spectrum-preservation figures of the layers the mask pass did not settle.
     t = time.perf_counter()
-    spectra = {m.layer: spectrum_change(m.dense, m.sparse) for m in masks}
+    spectra = {m.layer: spectra[m.layer] if m.layer in spectra else spectrum_change(m.dense, m.sparse) for m in masks}
     if not opts.keep_dense:
         for mask in masks:
             mask.release_dense()
@@ -388,32 +385,53 @@ def compile_model(
 def _scores(layer: GemmLayer, stats: LayerStats | None, method: str) -> np.ndarray:
     """Per-entry importance on the ``[rows, Cin]`` channel view the permutation acts on."""
     w = np.abs(layer.matrix().astype(np.float64))
-    if stats is not None and stats.gram is not None and method in DATA_METHODS:
-        w = w * np.sqrt(np.maximum(np.diag(stats.gram), 0.0))[None, :]
+    if stats is not None and stats.has_gram and method in DATA_METHODS:
+        w = w * np.sqrt(np.maximum(stats.diagonal(), 0.0))[None, :]
     cin = layer.in_channels
     return w.reshape(-1, cin) if layer.op_type == "Conv" else w
 
 
-def _output_error_gain(consumers, perm, stats_by_node, method) -> float | None:
-    """Relative drop of the consumers' calibration output error if ``perm`` is applied.
+@dataclass
+class _Judgement:
+    """What masking the consumers of one producer gives with and without a permutation."""
+
+    gain: float | None
+    """Relative drop of their calibration output error when permuted (None: no statistics)."""
+    permuted_stats: dict[ir.Node, LayerStats] = field(default_factory=dict)
+    """Their statistics in the permuted order (compact), to keep if the permutation is applied."""
+    identity: dict[str, PackedMaskResult] = field(default_factory=dict)
+    permuted: dict[str, PackedMaskResult] = field(default_factory=dict)
+    """The mask results of each order by layer: the mask pass reuses the chosen ones."""
+
+
+def _judge_permutation(consumers, perm, stats_by_node, method) -> _Judgement:
+    """Mask the consumers with and without ``perm`` and compare their output errors.
 
     The search maximises kept importance, a proxy; what matters is the layer's output error
     under the chosen mask method, so a permutation is only applied when it lowers that.
-    None when there are no statistics to judge by (data-free: the proxy is all we have).
     """
     from mpcompile.numerics.masks import apply_method, reconstruction_error
 
     before = after = 0.0
+    judgement = _Judgement(None)
     for consumer in consumers:
         stats = stats_by_node.get(consumer.node)
-        if stats is None or stats.gram is None or method not in DATA_METHODS:
-            return None
+        if stats is None or not stats.has_gram or method not in DATA_METHODS:
+            return _Judgement(None)
+        stats = stats.expanded()  # read four times below: rebuild the full matrix once
         w = consumer.matrix()
         kperm = _k_permutation(consumer, perm)
         permuted = LayerStats(gram=stats.gram[np.ix_(kperm, kperm)], rows=stats.rows)
-        before += reconstruction_error(w, apply_method(method, w, stats).weight, stats)
-        after += reconstruction_error(w[:, kperm], apply_method(method, w[:, kperm], permuted).weight, permuted)
-    return (before - after) / before if before > 0 else 0.0
+        result = apply_method(method, w, stats)
+        before += reconstruction_error(w, result.weight, stats)
+        judgement.identity[consumer.name] = result.packed(w)
+        del stats
+        result = apply_method(method, w[:, kperm], permuted)
+        after += reconstruction_error(w[:, kperm], result.weight, permuted)
+        judgement.permuted[consumer.name] = result.packed(w[:, kperm])
+        judgement.permuted_stats[consumer.node] = permuted.compact()
+    judgement.gain = (before - after) / before if before > 0 else 0.0
+    return judgement
 
 
 def _k_permutation(layer: GemmLayer, perm: np.ndarray) -> np.ndarray:
@@ -424,7 +442,8 @@ def _k_permutation(layer: GemmLayer, perm: np.ndarray) -> np.ndarray:
     return (np.arange(positions)[:, None] * layer.in_channels + perm[None, :]).ravel()
 
 
-def _permute(model, selected, all_layers, stats_by_node, method, opts, progress) -> list[PermutationRecord]:
+def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
+             precomputed: dict[str, PackedMaskResult]) -> list[PermutationRecord]:
     from mpcompile.numerics.permutation import search_permutation
     from mpcompile.passes.permute_channels import apply_fold, insert_gather, plan_fold
 
@@ -454,11 +473,14 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress)
                 records.append(record)
                 continue
             perm = np.asarray(found.perm)
-            gain = _output_error_gain(consumers, perm, stats_by_node, method)
+            judgement = _judge_permutation(consumers, perm, stats_by_node, method)
+            gain = judgement.gain
             if gain is not None and gain <= 0.0:
                 record.reason = f"kept more |W| but did not lower the {method} output error ({gain:+.2%}); not applied"
                 records.append(record)
+                precomputed.update(judgement.identity)
                 continue
+            precomputed.update(judgement.permuted)
             if plan.foldable:
                 apply_fold(model, plan, perm)
                 record.folded, record.reason = True, "folded into producer"
@@ -467,9 +489,11 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress)
                 record.gather_inserted, record.reason = True, f"explicit Gather inserted ({plan.reason})"
             for consumer in consumers:
                 stats = stats_by_node.get(consumer.node)
-                if stats is not None and stats.gram is not None:
+                if consumer.node in judgement.permuted_stats:
+                    stats_by_node[consumer.node] = judgement.permuted_stats[consumer.node]
+                elif stats is not None and stats.has_gram:
                     kperm = _k_permutation(consumer, perm)
-                    stats_by_node[consumer.node] = LayerStats(gram=stats.gram[np.ix_(kperm, kperm)], rows=stats.rows)
+                    stats_by_node[consumer.node] = LayerStats(stats.gram[np.ix_(kperm, kperm)], stats.rows).compact()
             records.append(record)
     return records
 

@@ -15,10 +15,10 @@ from functools import partial
 
 import numpy as np
 import onnx_ir as ir
+from mpcompile.passes.gemm_discovery import GemmLayer
 
 from mpcompile.errors import UsageError
-from mpcompile.numerics.masks import LayerStats, MaskResult, apply_method
-from mpcompile.passes.gemm_discovery import GemmLayer
+from mpcompile.numerics.masks import LayerStats, MaskResult, PackedMaskResult, apply_method
 
 __all__ = ["Apply24SparsityPass", "LayerMask", "matrix_to_stored", "write_matrix", "restore_dense", "SPARSITY_KEY"]
 
@@ -122,6 +122,10 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
         stats: calibration statistics by layer name (missing → data-free).
         n, m: the pattern (2:4 for TensorRT).
         progress: called with each layer name as it is done.
+        after_each: called with each ``LayerMask`` as soon as it is written.
+        precomputed: results already computed for the current weight of a layer that alone
+            reads it (the permutation judge masks both orders), used instead of recomputing.
+        Statistics are dropped from ``stats`` as their layers are masked.
     """
 
     def __init__(
@@ -133,13 +137,17 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
         n: int = 2,
         m: int = 4,
         progress: Callable[[str], None] | None = None,
+        after_each: Callable[[LayerMask], None] | None = None,
+        precomputed: dict[str, PackedMaskResult] | None = None,
     ) -> None:
         super().__init__()
         self.layers = layers
         self.method = method
-        self.stats = stats or {}
+        self.stats = stats if stats is not None else {}
         self.n, self.m = n, m
         self.progress = progress
+        self.after_each = after_each
+        self.precomputed = precomputed if precomputed is not None else {}
         self.results: list[LayerMask] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -155,8 +163,16 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
         for group in by_root.values():
             first = group[0]
             stats = self._merged_stats(group)
+            for layer in group:  # each layer's statistics are spent once its weight is masked
+                self.stats.pop(layer.name, None)
             before = first.weight.stored_tensor()
-            result: MaskResult = apply_method(self.method, first.matrix(), stats, n=self.n, m=self.m)
+            dense = first.matrix()
+            ready = self.precomputed.pop(first.name, None) if len(group) == 1 else None
+            if ready is not None and ready.matches(dense):
+                result: MaskResult = ready.unpack()
+            else:  # none held, or computed before a later fold rewrote this weight
+                result = apply_method(self.method, dense, stats, n=self.n, m=self.m)
+            del stats, ready, dense
             sparse = np.asarray(result.weight, dtype=np.float32)
             write_matrix(first, sparse)
             for layer in group:
@@ -164,10 +180,12 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
                 props[SPARSITY_KEY] = f"{self.n}:{self.m}"
                 props["mpcompile.method"] = result.method
                 props["mpcompile.calibrated"] = "true" if result.calibrated else "false"
-            self.results.append(
-                LayerMask(first.name, result.method, result.calibrated, result.kept_magnitude_fraction,
-                          partial(first.matrix_of, before), sparse)
-            )
+            mask = LayerMask(first.name, result.method, result.calibrated, result.kept_magnitude_fraction,
+                             partial(first.matrix_of, before), sparse)
+            del result, before
+            self.results.append(mask)
+            if self.after_each is not None:  # e.g. measure, then release the dense weight
+                self.after_each(mask)
             if self.progress is not None:
                 self.progress(first.name)
         logger.info("masked %d weights %d:%d with %s", len(self.results), self.n, self.m, self.method)

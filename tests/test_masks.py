@@ -71,6 +71,23 @@ def test_layer_stats_gram_and_merge():
     np.testing.assert_allclose(st3.gram, st.gram, rtol=1e-12)
 
 
+def test_compact_layer_stats_hold_half_and_give_back_the_same_matrix():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 36)) * rng.uniform(0.1, 10.0, size=36)  # unequal columns
+    full = LayerStats.from_activations(x)
+    compact = full.compact()
+    assert compact._upper.size == 36 * 37 // 2 and compact._gram is None
+    np.testing.assert_array_equal(compact.gram, full.gram)  # exact, both triangles
+    np.testing.assert_array_equal(compact.diagonal(), np.diag(full.gram))
+    np.testing.assert_array_equal(compact.expanded().gram, full.gram)
+    assert compact.k == 36 and compact.rows == 500 and compact.has_gram
+    np.testing.assert_allclose(compact.merged(full).gram, full.gram, rtol=1e-12)
+    assert not LayerStats.data_free().compact().has_gram
+    w = rng.standard_normal((16, 36))
+    for method in ("cast", "wanda", "sparsegpt", "cast-obs"):  # masks cannot tell them apart
+        np.testing.assert_array_equal(apply_method(method, w, compact).weight, apply_method(method, w, full).weight)
+
+
 # --------------------------------------------------------------------------- legality
 
 
