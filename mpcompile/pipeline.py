@@ -418,14 +418,14 @@ def _judge_permutation(consumers, perm, stats_by_node, method) -> _Judgement:
         stats = stats_by_node.get(consumer.node)
         if stats is None or not stats.has_gram or method not in DATA_METHODS:
             return _Judgement(None)
-        stats = stats.expanded()  # read four times below: rebuild the full matrix once
+        full = stats.expanded()  # read three times below: rebuild the full matrix once
         w = consumer.matrix()
         kperm = _k_permutation(consumer, perm)
-        permuted = LayerStats(gram=stats.gram[np.ix_(kperm, kperm)], rows=stats.rows)
-        result = apply_method(method, w, stats)
-        before += reconstruction_error(w, result.weight, stats)
+        result = apply_method(method, w, full)
+        before += reconstruction_error(w, result.weight, full)
         judgement.identity[consumer.name] = result.packed(w)
-        del stats
+        permuted = LayerStats(gram=full.gram[np.ix_(kperm, kperm)], rows=full.rows)
+        del full, result  # one full matrix at a time
         result = apply_method(method, w[:, kperm], permuted)
         after += reconstruction_error(w[:, kperm], result.weight, permuted)
         judgement.permuted[consumer.name] = result.packed(w[:, kperm])

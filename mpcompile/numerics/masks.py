@@ -276,7 +276,7 @@ def _check_weight(w: np.ndarray, n: int, m: int) -> np.ndarray:
 def _gram_of(stats: LayerStats | None, k: int) -> np.ndarray | None:
     if stats is None or not stats.has_gram:
         return None
-    g = np.asarray(stats.gram, dtype=np.float64)
+    g = np.array(stats.gram, dtype=np.float64)  # always a copy: callers may work in place
     if g.shape != (k, k):
         raise MaskInputError(f"gram has shape {g.shape}, expected ({k}, {k}) for this weight")
     return g
@@ -428,35 +428,49 @@ def wanda_24(w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4) ->
     return _result(w, _topn_mask(scores, n, m), "wanda", True)
 
 
-def _hinv_upper(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+def _hinv_upper(holder: list[np.ndarray], damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor of ``(G + λI)⁻¹`` with SparseGPT's dead-column handling.
 
+    ``holder`` is a one-item list with a float64 ``G`` this function may take over: it is
+    modified in place and dropped once factorised, so at most two ``K×K`` float64 matrices
+    exist at once (at K = 4608 each is 170 MB; copies at every step used to be six).
     Returns ``(U, dead)``. Dead columns (zero input variance) get H_jj = 1 so H stays invertible;
     their weights do not affect the output and are zeroed by the caller. The damping is raised
     tenfold (up to four times) if the factorisation still fails, e.g. on a rank-deficient gram.
     """
-    h = gram.copy()
+    h = holder.pop()
     dead = np.diag(h) <= 0.0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
     k = h.shape[0]
-    mean_diag = float(np.mean(np.diag(h)))
+    diagonal = np.einsum("ii->i", h)  # a writable view of the diagonal
+    mean_diag = float(np.mean(diagonal))
     lam = damp * mean_diag
+    diagonal += lam
     for attempt in range(5):
         try:
-            hd = h + lam * np.eye(k)
-            c, low = scipy.linalg.cho_factor(hd, lower=True, check_finite=False)
-            hinv = scipy.linalg.cho_solve((c, low), np.eye(k), check_finite=False)
-            u = scipy.linalg.cholesky((hinv + hinv.T) * 0.5, lower=False, check_finite=False)
-            return u, dead
+            c, low = scipy.linalg.cho_factor(h, lower=True, check_finite=False)
+            break
         except np.linalg.LinAlgError:
             new = max(lam * 10.0, 1e-8 * max(mean_diag, 1e-300))
             logger.warning(
                 "sparsegpt: Hessian not positive definite (damp %.3g), retrying with %.3g", lam, new
             )
+            diagonal += new - lam
             lam = new
-    raise MaskInputError("sparsegpt: calibration Hessian is not positive definite, even damped")
+    else:
+        raise MaskInputError("sparsegpt: calibration Hessian is not positive definite, even damped")
+    del h, diagonal
+    hinv = scipy.linalg.cho_solve((c, low), np.eye(k), overwrite_b=True, check_finite=False)
+    del c
+    hinv += hinv.T  # symmetrise away rounding (numpy buffers the overlapping transpose)
+    hinv *= 0.5
+    try:
+        u = scipy.linalg.cholesky(hinv, lower=False, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError as exc:
+        raise MaskInputError("sparsegpt: the inverse calibration Hessian is not positive definite") from exc
+    return u, dead
 
 
 def sparsegpt_24(
@@ -482,14 +496,14 @@ def sparsegpt_24(
         )
     if damp < 0:
         raise MaskUsageError(f"sparsegpt damp must be >= 0, got {damp}")
-    gram = _gram_of(stats, w.shape[1])
-    if gram is None:
+    holder = [_gram_of(stats, w.shape[1])]
+    if holder[0] is None:
         # With H = I the OBS saliency is w² and no error propagates: exactly magnitude.
         return _magnitude_result(w, n, m, "cast-obs" if joint else "sparsegpt")
 
     t0 = time.perf_counter()
     out, k = w.shape
-    hinv, dead = _hinv_upper(gram, damp)
+    hinv, dead = _hinv_upper(holder, damp)
     hinv_t = np.ascontiguousarray(hinv.T)  # slices of a transposed view miss BLAS (~50x slower)
     # Work on Wᵀ [K, out]: the sweep runs over K, so each column becomes a contiguous slab
     # (column access on the row-major weight was the dominant cost).
