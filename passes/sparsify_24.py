@@ -39,7 +39,7 @@ class LayerMask:
     """Reads the dense ``[out, K]`` weight on demand: from the tensor the layer held before
     masking (kept alive, not copied: on a loaded model it is already in memory or on disk)."""
     sparse: np.ndarray = field(repr=False)
-    """The written ``[out, K]`` weight; the model's stored tensor is a view of it, not a copy."""
+    """The written ``[out, K]`` weight, sharing memory with the model's stored tensor."""
 
     @property
     def dense(self) -> np.ndarray:
@@ -92,12 +92,25 @@ def _replace_stored(layer: GemmLayer, array: np.ndarray) -> None:
     root.const_value = ir.tensor(array, name=root.name)
 
 
-def write_matrix(layer: GemmLayer, matrix: np.ndarray) -> None:
-    """Store an ``[out, K]`` matrix as ``layer``'s weight, in its stored layout and dtype."""
+def write_matrix(layer: GemmLayer, matrix: np.ndarray) -> np.ndarray:
+    """Store an ``[out, K]`` matrix as ``layer``'s weight, in its stored layout and dtype.
+
+    Returns the ``[out, K]`` matrix as now held, sharing memory with the stored tensor: one
+    copy of the weight exists either way. MatMul/Gemm weights are stored C-contiguous (the
+    matrix returned is then a transposed view), because ONNX Runtime, fed the weights at every
+    run, copies a non-contiguous array each time: the whole model again, per run.
+    """
     stored = layer.weight.stored_tensor()
     dtype = stored.dtype.numpy()
-    # No copy when the dtype already matches: the stored tensor is a (transposed) view of ``matrix``.
-    _replace_stored(layer, matrix_to_stored(matrix, layer, tuple(stored.shape)).astype(dtype, copy=False))
+    array = matrix_to_stored(matrix, layer, tuple(stored.shape)).astype(dtype, copy=False)
+    plain = layer.op_type != "Conv" and not any(n.op_type == "Transpose" for n in layer.weight.chain)
+    if plain and array.dtype == matrix.dtype and not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+        _replace_stored(layer, array)
+        return array.T if layer.layout in ("matmul", "gemm_transB0") else array
+    # Otherwise the stored tensor is a (transposed) view of ``matrix`` when the dtype matches.
+    _replace_stored(layer, array)
+    return matrix
 
 
 def restore_dense(layers: list[GemmLayer], dense: np.ndarray) -> None:
@@ -173,8 +186,7 @@ class Apply24SparsityPass(ir.passes.InPlacePass):
             else:  # none held, or computed before a later fold rewrote this weight
                 result = apply_method(self.method, dense, stats, n=self.n, m=self.m)
             del stats, ready, dense
-            sparse = np.asarray(result.weight, dtype=np.float32)
-            write_matrix(first, sparse)
+            sparse = write_matrix(first, np.asarray(result.weight, dtype=np.float32))
             for layer in group:
                 props = layer.node.metadata_props
                 props[SPARSITY_KEY] = f"{self.n}:{self.m}"

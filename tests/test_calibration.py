@@ -108,3 +108,17 @@ def test_mask_pass_reuses_a_held_result_only_for_the_weight_it_was_computed_from
     back = packed.unpack()
     assert np.array_equal(back.mask, held_a.mask) and np.array_equal(back.weight, held_a.weight)
     assert packed.values.nbytes + packed.mask_bits.nbytes < 0.6 * held_a.weight.nbytes
+
+
+def test_masked_weights_are_stored_contiguous_and_shared_with_the_mask_record() -> None:
+    from mpcompile.passes.sparsify_24 import Apply24SparsityPass
+
+    model = load_model(bundled_model_path("digits_vit")).model
+    layers = [layer for layer in discover_gemms(model) if layer.eligible and layer.op_type != "Conv"]
+    sparsify = Apply24SparsityPass(layers, method="magnitude")
+    sparsify(model)
+    for layer, mask in zip(layers, sparsify.results):
+        stored = layer.weight.root.const_value.numpy()
+        assert stored.flags.c_contiguous  # fed to ONNX Runtime as is, no per-run copy
+        assert np.shares_memory(stored, mask.sparse)  # one copy of the weight
+        assert np.array_equal(layer.matrix(), mask.sparse)
