@@ -283,11 +283,14 @@ def compile_model(
     stats_by_node.clear()
     keep_dense = opts.keep_dense or measured_order or opts.max_drift is not None
     spectra: dict[str, dict[str, float | int]] = {}
+    fits = {a.name: a.fit for a in analysis.result.layers if a.fit is not None}
 
     def settle(mask: LayerMask) -> None:
         """Seed 003's spectrum figures while the dense weight is at hand, then let it go:
         holding every pre-mask weight to the end of the stage doubled the model in memory."""
-        spectra[mask.layer] = spectrum_change(mask.dense, mask.sparse)
+        fit = fits.get(mask.layer)
+        spectra[mask.layer] = spectrum_change(mask.dense, mask.sparse,
+                                              dense_top=fit.top_singular_values if fit is not None else None)
         mask.release_dense()
 
     with progress(f"{method} masks", len(selected)) as advance:
@@ -422,12 +425,12 @@ def _judge_permutation(consumers, perm, stats_by_node, method) -> _Judgement:
         w = consumer.matrix()
         kperm = _k_permutation(consumer, perm)
         result = apply_method(method, w, full)
-        before += reconstruction_error(w, result.weight, full)
+        before += reconstruction_error(w, result.weight, full, float32=True)
         judgement.identity[consumer.name] = result.packed(w)
         permuted = LayerStats(gram=full.gram[np.ix_(kperm, kperm)], rows=full.rows)
         del full, result  # one full matrix at a time
         result = apply_method(method, w[:, kperm], permuted)
-        after += reconstruction_error(w[:, kperm], result.weight, permuted)
+        after += reconstruction_error(w[:, kperm], result.weight, permuted, float32=True)
         judgement.permuted[consumer.name] = result.packed(w[:, kperm])
         judgement.permuted_stats[consumer.node] = permuted.compact()
     judgement.gain = (before - after) / before if before > 0 else 0.0
@@ -444,12 +447,19 @@ def _k_permutation(layer: GemmLayer, perm: np.ndarray) -> np.ndarray:
 
 def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
              precomputed: dict[str, PackedMaskResult]) -> list[PermutationRecord]:
-    from mpcompile.numerics.permutation import search_permutation
+    """Channel permutations for the selected layers, grouped by the producer they fold into.
+
+    The searches are independent (a fold permutes a producer's rows, which no column search
+    sees), so they all run first, in parallel; the judging and folding then go in graph order.
+    """
+    from mpcompile.numerics.permutation import search_permutations
     from mpcompile.passes.permute_channels import apply_fold, insert_gather, plan_fold
 
-    records: list[PermutationRecord] = []
+    records: list[PermutationRecord | None] = []
     done: set[ir.Node] = set()
     selected_nodes = {layer.node for layer in selected}
+    groups: dict[int, tuple] = {}  # record index -> (plan, consumers)
+    problems: dict[int, np.ndarray] = {}
     with progress("channel permutation", len(selected)) as advance:
         for layer in selected:
             if layer.node in done:
@@ -458,43 +468,49 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
             consumers = plan.consumers or [layer]
             names = [c.name for c in consumers]
             done.update(c.node for c in consumers)
-            advance(layer.name)
             if any(c.node not in selected_nodes for c in consumers):
                 records.append(PermutationRecord(names, False, "siblings reading the same tensor are not all selected"))
+                advance(layer.name)
                 continue
             if not plan.foldable and not opts.allow_gather:
                 records.append(PermutationRecord(names, False, plan.reason))
+                advance(layer.name)
                 continue
-            scores = np.concatenate([_scores(c, stats_by_node.get(c.node), method) for c in consumers])
-            found = search_permutation(scores, time_budget_s=opts.perm_time_budget, seed=opts.seed)
-            record = PermutationRecord(names, False, "", found.efficacy, found.kept_before, found.kept_after)
-            if found.kept_after <= found.kept_before + 1e-12:
-                record.reason = "no permutation keeps more than identity"
-                records.append(record)
-                continue
-            perm = np.asarray(found.perm)
-            judgement = _judge_permutation(consumers, perm, stats_by_node, method)
-            gain = judgement.gain
-            if gain is not None and gain <= 0.0:
-                record.reason = f"kept more |W| but did not lower the {method} output error ({gain:+.2%}); not applied"
-                records.append(record)
-                precomputed.update(judgement.identity)
-                continue
-            precomputed.update(judgement.permuted)
-            if plan.foldable:
-                apply_fold(model, plan, perm)
-                record.folded, record.reason = True, "folded into producer"
-            else:
-                insert_gather(model, plan, perm)
-                record.gather_inserted, record.reason = True, f"explicit Gather inserted ({plan.reason})"
-            for consumer in consumers:
-                stats = stats_by_node.get(consumer.node)
-                if consumer.node in judgement.permuted_stats:
-                    stats_by_node[consumer.node] = judgement.permuted_stats[consumer.node]
-                elif stats is not None and stats.has_gram:
-                    kperm = _k_permutation(consumer, perm)
-                    stats_by_node[consumer.node] = LayerStats(stats.gram[np.ix_(kperm, kperm)], stats.rows).compact()
-            records.append(record)
+            groups[len(records)] = (plan, consumers)
+            problems[len(records)] = np.concatenate([_scores(c, stats_by_node.get(c.node), method) for c in consumers])
+            records.append(None)
+        searches = search_permutations(problems, time_budget_s=opts.perm_time_budget, seed=opts.seed,
+                                       on_done=lambda index: advance(groups[index][1][0].name))
+        del problems
+    for index, (plan, consumers) in groups.items():
+        found = searches[index]
+        record = PermutationRecord([c.name for c in consumers], False, "", found.efficacy, found.kept_before,
+                                   found.kept_after)
+        records[index] = record
+        if found.kept_after <= found.kept_before + 1e-12:
+            record.reason = "no permutation keeps more than identity"
+            continue
+        perm = np.asarray(found.perm)
+        judgement = _judge_permutation(consumers, perm, stats_by_node, method)
+        gain = judgement.gain
+        if gain is not None and gain <= 0.0:
+            record.reason = f"kept more |W| but did not lower the {method} output error ({gain:+.2%}); not applied"
+            precomputed.update(judgement.identity)
+            continue
+        precomputed.update(judgement.permuted)
+        if plan.foldable:
+            apply_fold(model, plan, perm)
+            record.folded, record.reason = True, "folded into producer"
+        else:
+            insert_gather(model, plan, perm)
+            record.gather_inserted, record.reason = True, f"explicit Gather inserted ({plan.reason})"
+        for consumer in consumers:
+            stats = stats_by_node.get(consumer.node)
+            if consumer.node in judgement.permuted_stats:
+                stats_by_node[consumer.node] = judgement.permuted_stats[consumer.node]
+            elif stats is not None and stats.has_gram:
+                kperm = _k_permutation(consumer, perm)
+                stats_by_node[consumer.node] = LayerStats(stats.gram[np.ix_(kperm, kperm)], stats.rows).compact()
     return records
 
 

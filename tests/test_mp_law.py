@@ -101,3 +101,23 @@ def test_seb_weights_follow_sigma_plus():
     assert seb.weight[2] > seb.weight[1] > seb.weight[0]
     flat = seb_weights(np.array([2.0, 2.0]))
     np.testing.assert_array_equal(flat.weight, [1.0, 1.0])
+
+
+def test_fit_keeps_the_top_singular_values_that_spectrum_change_reuses():
+    from mpcompile.numerics.spectrum_change import spectrum_change
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    w[:, :3] *= 6.0  # a few spikes
+    fit = fit_mp(w)
+    exact = np.linalg.svd(w.astype(np.float64), compute_uv=False)[:8]
+    np.testing.assert_allclose(fit.top_singular_values, exact, rtol=1e-5)
+    assert "top_singular_values" not in fit.to_dict()  # the report schema is unchanged
+    sparse = w.copy()
+    sparse[:, 1::2] = 0.0
+    perm = rng.permutation(256)  # channel permutations leave singular values as they are
+    reused = spectrum_change(w[:, perm], sparse[:, perm], dense_top=fit.top_singular_values)
+    solved = spectrum_change(w, sparse)
+    assert reused["top_k_within_5pct"] == solved["top_k_within_5pct"]
+    for key in ("relative_spectral_error", "relative_frobenius_error"):
+        assert reused[key] == pytest.approx(solved[key], rel=1e-5)

@@ -304,3 +304,17 @@ def test_partition_counts() -> None:
     # 8 channels into two groups of 4: C(8,4)/2; 12 into three: 12!/(4!^3 3!)
     assert perm_mod._n_partitions(2, 4) == 35 == len(list(itertools.combinations(range(7), 3)))
     assert perm_mod._n_partitions(3, 4) == 5775
+
+
+def test_parallel_searches_return_every_key_with_a_valid_improving_permutation():
+    from mpcompile.numerics.permutation import search_permutations
+
+    rng = np.random.default_rng(5)
+    problems = {f"layer{i}": np.abs(rng.standard_normal((32 + 8 * i, 64))) for i in range(5)}
+    seen: list[str] = []
+    results = search_permutations(problems, time_budget_s=0.2, seed=0, workers=2, on_done=seen.append)
+    assert list(results) == list(problems) and sorted(seen) == sorted(problems)
+    for key, result in results.items():
+        assert sorted(result.perm.tolist()) == list(range(64))  # a permutation of the channels
+        assert result.kept_after >= result.kept_before
+        assert result.kept_after == pytest.approx(kept_score(problems[key][:, result.perm], 2, 4))

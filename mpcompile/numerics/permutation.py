@@ -46,11 +46,17 @@ step for step whatever the machine's speed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import os
+import pickle
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cache
 
@@ -69,6 +75,7 @@ __all__ = [
     "kept_score",
     "kept_score_24",
     "search_permutation",
+    "search_permutations",
     "unstructured_bound",
 ]
 
@@ -686,3 +693,71 @@ def search_permutation(
         search.steps,
     )
     return PermutationResult(perm, kept_before, kept_after, bound, eff, seconds, search.steps)
+
+
+def search_permutations(
+    problems: dict[Hashable, np.ndarray],
+    *,
+    time_budget_s: float,
+    seed: int = 0,
+    workers: int | None = None,
+    on_done: Callable[[Hashable], None] | None = None,
+) -> dict[Hashable, PermutationResult]:
+    """:func:`search_permutation` on independent score matrices, one per CPU core at a time.
+
+    Why processes: each search is a time-budgeted loop of small numpy steps that keeps one core
+    busy and holds the GIL, so a model's searches (36 on ViT-B/16 at 0.5 s each) would run
+    one after another. Each worker (``python -m mpcompile.numerics._permutation_worker``,
+    one BLAS thread) takes every ``workers``-th problem; the budget stays per search.
+    ``on_done`` is called with each key as its search finishes (from reader threads).
+    """
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers, len(problems)))
+    results: dict[Hashable, PermutationResult] = {}
+    if workers == 1:
+        for key, scores in problems.items():
+            results[key] = search_permutation(scores, time_budget_s=time_budget_s, seed=seed)
+            if on_done is not None:
+                on_done(key)
+        return results
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    items = list(problems.items())
+    procs = []
+    for w in range(workers):
+        jobs = [(key, scores, time_budget_s, seed) for key, scores in items[w::workers]]
+        proc = subprocess.Popen([sys.executable, "-m", "mpcompile.numerics._permutation_worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        procs.append((proc, len(jobs)))
+        # Writing in a thread: a pipe holds 64 KB, and the worker reads all jobs before answering.
+        threading.Thread(target=_send, args=(proc, jobs), daemon=True).start()
+    errors: list[str] = []
+
+    def collect(proc: subprocess.Popen, count: int) -> None:
+        try:
+            for _ in range(count):
+                key, result = pickle.load(proc.stdout)
+                results[key] = result
+                if on_done is not None:
+                    on_done(key)
+        except (EOFError, pickle.UnpicklingError) as exc:
+            errors.append(f"{type(exc).__name__}: {proc.stderr.read().decode(errors='replace')[-400:]}")
+
+    readers = [threading.Thread(target=collect, args=item) for item in procs]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    for proc, _ in procs:
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if errors:
+        raise RuntimeError(f"a permutation search worker failed: {errors[0]}")
+    return {key: results[key] for key in problems}
+
+
+def _send(proc: subprocess.Popen, jobs: list) -> None:
+    with contextlib.suppress(BrokenPipeError):
+        pickle.dump(jobs, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        proc.stdin.close()
