@@ -163,6 +163,11 @@ class CompileResult:
         )
 
 
+def _spectrum_change(mask: LayerMask, fits: dict) -> dict[str, float | int]:
+    fit = fits.get(mask.layer)
+    return spectrum_change(mask.dense, mask.sparse, dense_top=fit.top_singular_values if fit is not None else None)
+
+
 def _resolve_method(options: CompileOptions, has_data: bool) -> str:
     method = options.method or ("cast-obs" if has_data else "magnitude")
     if method not in MASK_METHODS and method not in UNSTRUCTURED_METHODS:
@@ -288,9 +293,7 @@ def compile_model(
     def settle(mask: LayerMask) -> None:
         """Seed 003's spectrum figures while the dense weight is at hand, then let it go:
         holding every pre-mask weight to the end of the stage doubled the model in memory."""
-        fit = fits.get(mask.layer)
-        spectra[mask.layer] = spectrum_change(mask.dense, mask.sparse,
-                                              dense_top=fit.top_singular_values if fit is not None else None)
+        spectra[mask.layer] = _spectrum_change(mask, fits)
         mask.release_dense()
 
     with progress(f"{method} masks", len(selected)) as advance:
@@ -335,7 +338,7 @@ def compile_model(
 
     # Seed 003's spectrum-preservation figures of the layers the mask pass did not settle.
     t = time.perf_counter()
-    spectra = {m.layer: spectra[m.layer] if m.layer in spectra else spectrum_change(m.dense, m.sparse) for m in masks}
+    spectra = {m.layer: spectra[m.layer] if m.layer in spectra else _spectrum_change(m, fits) for m in masks}
     if not opts.keep_dense:
         for mask in masks:
             mask.release_dense()

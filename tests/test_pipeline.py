@@ -338,3 +338,16 @@ def test_unstructured_methods_refuse_2_4_only_options(small_net, tmp_path, optio
     with pytest.raises(UsageError, match="unstructured"):
         compile_model(small_net, CompileOptions(method="rmt-sv", output=str(out), **option))
     assert not out.exists()
+
+
+def test_report_spectra_are_the_dense_ones_the_law_was_fitted_to(small_net, tmp_path):
+    from mpcompile.html_report import _largest_spectra
+    from mpcompile.numerics.mp_law import matrix_eigenvalues
+
+    dense = {layer.name: matrix_eigenvalues(layer.matrix()) for layer in discover_gemms(load_model(small_net).model)}
+    result = compile_model(small_net, CompileOptions(method="magnitude", keep_dense=False,
+                                                     output=str(tmp_path / "s.onnx")))
+    shown = _largest_spectra(result.analysis.result.layers)
+    assert shown
+    for name, s2, _ in shown:  # not the pruned weight the layer now holds
+        np.testing.assert_allclose(s2, np.sort(dense[name]), rtol=1e-6, atol=1e-9)

@@ -155,13 +155,21 @@ class MPFit:
     frobenius_norm: float
     stable_rank: float
     top_singular_over_edge: float
-    top_singular_values: tuple[float, ...] = field(default=(), repr=False)
-    """The largest singular values (up to 8, largest first): kept so that later stages that
-    compare the weight's spectrum after pruning need not solve the dense one again."""
+    eigenvalues: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The fitted ``s²``, ascending (p floats): later stages (the spectrum change after pruning,
+    the report's ESD plots) read the dense spectrum here instead of solving it again, or
+    reading a weight that has been pruned since."""
+
+    @property
+    def top_singular_values(self) -> tuple[float, ...]:
+        """The largest singular values (up to 8), largest first."""
+        if self.eigenvalues is None:
+            return ()
+        return tuple(float(v) for v in np.sqrt(np.clip(self.eigenvalues[::-1][:TOP_SINGULAR_KEPT], 0.0, None)))
 
     def to_dict(self) -> dict[str, float | int]:
         out = asdict(self)
-        del out["top_singular_values"]
+        del out["eigenvalues"]
         return out
 
 
@@ -244,8 +252,7 @@ def fit_mp_from_eigenvalues(
         # All-zero (or rank-deficient beyond the window) matrix: no bulk to speak of.
         return MPFit(rows, cols, gamma, 0.0, 0.0, 0.0, 0.0, int(np.count_nonzero(s2 > 0)),
                      0.0, 1.0, 1.0 if frob2 > 0 else 0.0, float(np.sqrt(top)),
-                     float(np.sqrt(frob2)), 1.0 if top > 0 else 0.0, float("inf") if top > 0 else 0.0,
-                     _top_singular(s2))
+                     float(np.sqrt(frob2)), 1.0 if top > 0 else 0.0, float("inf") if top > 0 else 0.0, s2)
 
     lambda_plus = sigma2 * (1.0 + np.sqrt(gamma)) ** 2
     sigma_plus = float(np.sqrt(n * lambda_plus))
@@ -271,9 +278,5 @@ def fit_mp_from_eigenvalues(
         frobenius_norm=float(np.sqrt(frob2)),
         stable_rank=float(frob2 / top),
         top_singular_over_edge=float(np.sqrt(top) / sigma_plus),
-        top_singular_values=_top_singular(s2),
+        eigenvalues=s2,
     )
-
-
-def _top_singular(sorted_s2: np.ndarray, count: int = TOP_SINGULAR_KEPT) -> tuple[float, ...]:
-    return tuple(float(v) for v in np.sqrt(np.clip(sorted_s2[::-1][:count], 0.0, None)))
