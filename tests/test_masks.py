@@ -80,6 +80,10 @@ def test_compact_layer_stats_hold_half_and_give_back_the_same_matrix():
     np.testing.assert_array_equal(compact.gram, full.gram)  # exact, both triangles
     np.testing.assert_array_equal(compact.diagonal(), np.diag(full.gram))
     np.testing.assert_array_equal(compact.expanded().gram, full.gram)
+    idx = np.arange(36).reshape(9, 4)
+    blocks = full.gram[idx[:, :, None], idx[:, None, :]]
+    np.testing.assert_array_equal(compact.diagonal_blocks(4), blocks)  # read from the triangle
+    np.testing.assert_array_equal(full.diagonal_blocks(4), blocks)
     assert compact.k == 36 and compact.rows == 500 and compact.has_gram
     np.testing.assert_allclose(compact.merged(full).gram, full.gram, rtol=1e-12)
     assert not LayerStats.data_free().compact().has_gram

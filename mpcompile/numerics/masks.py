@@ -163,6 +163,24 @@ class LayerStats:
         starts = np.concatenate([[0], np.cumsum(np.arange(k, 1, -1))])  # row i starts at sum_{j<i}(k-j)
         return self._upper[starts].copy()
 
+    def diagonal_blocks(self, m: int) -> np.ndarray:
+        """The ``m×m`` diagonal blocks ``C_g`` as float64 ``[K/m, m, m]``: all CAST reads.
+
+        Taken straight from the stored triangle, so CAST never builds the ``K×K`` matrix.
+        """
+        k = self._k
+        if k % m:
+            raise MaskInputError(f"K={k} is not a multiple of m={m}")
+        idx = np.arange(k).reshape(k // m, m)
+        rows, cols = idx[:, :, None], idx[:, None, :]
+        if self._gram is not None:
+            return np.asarray(self._gram[rows, cols], dtype=np.float64)
+        if self._upper is None:
+            raise MaskInputError("data-free LayerStats has no covariance blocks")
+        i, j = np.minimum(rows, cols), np.maximum(rows, cols)
+        # row i of the upper triangle starts at i·K − i(i−1)/2
+        return np.asarray(self._upper[i * k - i * (i - 1) // 2 + (j - i)], dtype=np.float64)
+
     @property
     def col_sq_norm(self) -> np.ndarray:
         return self.diagonal()
@@ -360,7 +378,7 @@ def magnitude_24(
     return _magnitude_result(_check_weight(w, n, m), n, m, "magnitude")
 
 
-def _cast_mask(w64: np.ndarray, gram: np.ndarray, n: int, m: int) -> np.ndarray:
+def _cast_mask(w64: np.ndarray, blocks: np.ndarray, n: int, m: int) -> np.ndarray:
     """Per (row, group) argmin over keep patterns of ``rᵀ C_g r`` (r = dropped part of the row).
 
     With D = 1 − pattern, cost[p] = Σ_{a≤b} c_ab·D[p,a]·D[p,b] · W_a W_b C_g[a,b] (c_ab = 2 off
@@ -375,9 +393,8 @@ def _cast_mask(w64: np.ndarray, gram: np.ndarray, n: int, m: int) -> np.ndarray:
     n_pat = drop.shape[0]
     ia, ib = np.triu_indices(m)
     pair_w = drop[:, ia] * drop[:, ib] * np.where(ia == ib, 1.0, 2.0)  # [P, pairs]
-    idx = np.arange(k).reshape(g_count, m)
-    blocks = gram[idx[:, :, None], idx[:, None, :]]  # [G, m, m]: the diagonal blocks C_g
-    sqrt_diag = np.sqrt(np.clip(np.diag(gram), 0.0, None)).reshape(g_count, m).T  # [m, G]
+    # blocks: [G, m, m], the diagonal blocks C_g of the input covariance
+    sqrt_diag = np.sqrt(np.clip(np.diagonal(blocks, axis1=1, axis2=2), 0.0, None)).T  # [m, G]
 
     per_row = g_count * (len(ia) + 4 * n_pat + 3 * m) * 8
     chunk = int(max(1, min(out, _CAST_CHUNK_BYTES // max(per_row, 1))))
@@ -408,11 +425,13 @@ def cast_24(w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4) -> 
     as in the paper's code.
     """
     w = _check_weight(w, n, m)
-    gram = _gram_of(stats, w.shape[1])
-    if gram is None:
+    if stats is None or not stats.has_gram:
         return _magnitude_result(w, n, m, "cast")
+    if stats.k != w.shape[1]:
+        raise MaskInputError(f"gram has shape ({stats.k}, {stats.k}), expected ({w.shape[1]}, {w.shape[1]}) "
+                             "for this weight")
     t0 = time.perf_counter()
-    mask = _cast_mask(w.astype(np.float64), gram, n, m)
+    mask = _cast_mask(w.astype(np.float64), stats.diagonal_blocks(m), n, m)
     logger.debug("cast %s %d:%d in %.3f s", w.shape, n, m, time.perf_counter() - t0)
     return _result(w, mask, "cast", True)
 
