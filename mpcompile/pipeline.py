@@ -60,6 +60,7 @@ class CompileOptions:
     permute: bool = True
     allow_gather: bool = False
     perm_time_budget: float = 0.5
+    perm_steps: int | None = None  # reproducible searches: a step count instead of the clock
     target: float = 1.0
     max_drift: float | None = None
     sparsity: float = 0.5  # overall removed fraction for the unstructured methods (rmt-sv, spectral-sample)
@@ -482,7 +483,11 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
             groups[len(records)] = (plan, consumers)
             problems[len(records)] = np.concatenate([_scores(c, stats_by_node.get(c.node), method) for c in consumers])
             records.append(None)
-        searches = search_permutations(problems, time_budget_s=opts.perm_time_budget, seed=opts.seed,
+        if opts.perm_steps is not None and opts.perm_steps < 0:
+            raise UsageError(f"--perm-steps must be >= 0, got {opts.perm_steps}")
+        # With a step count the clock must not stop a search first (a slow machine would differ).
+        budget = opts.perm_time_budget if opts.perm_steps is None else REPRODUCIBLE_SEARCH_CAP_S
+        searches = search_permutations(problems, time_budget_s=budget, seed=opts.seed, max_iterations=opts.perm_steps,
                                        on_done=lambda index: advance(groups[index][1][0].name))
         del problems
     for index, (plan, consumers) in groups.items():
@@ -519,6 +524,7 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
 
 
 DRIFT_ORDER_SAMPLES = 64
+REPRODUCIBLE_SEARCH_CAP_S = 3600.0
 
 
 def _subset(data: CalibrationData, samples: int) -> CalibrationData:

@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 
 from mpcompile.analyze import analyze_model
 from mpcompile.checker import check_model
 from mpcompile.cli import main
+from mpcompile.errors import MpcompileError
 from mpcompile.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 from mpcompile.passes.sparsify_24 import matrix_to_stored
@@ -351,3 +353,20 @@ def test_report_spectra_are_the_dense_ones_the_law_was_fitted_to(small_net, tmp_
     assert shown
     for name, s2, _ in shown:  # not the pruned weight the layer now holds
         np.testing.assert_allclose(s2, np.sort(dense[name]), rtol=1e-6, atol=1e-9)
+
+
+def test_perm_steps_make_a_compile_reproducible(tmp_path):
+    from mpcompile.zoo.bundled import bundled_model_path
+
+    def weights(name: str) -> dict[str, np.ndarray]:
+        result = compile_model(bundled_model_path("digits_vit"), CompileOptions(
+            method="cast", perm_steps=12, output=str(tmp_path / name)))
+        assert any(p.kept_after is not None and p.kept_after > p.kept_before for p in result.permutations)
+        model = onnx.load(str(tmp_path / name))
+        return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    first, second = weights("a.onnx"), weights("b.onnx")
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    with pytest.raises(MpcompileError, match="perm-steps"):
+        compile_model(bundled_model_path("digits_vit"), CompileOptions(perm_steps=-1, output=str(tmp_path / "c.onnx")))

@@ -81,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="where a permutation cannot be folded, insert an explicit Gather (reported)")
     group.add_argument("--perm-time", type=float, default=0.5, metavar="SECONDS",
                        help="permutation search budget per layer (default 0.5 s)")
+    group.add_argument("--perm-steps", type=int, default=None, metavar="N",
+                       help="stop each permutation search after N steps instead of --perm-time: the same "
+                            "model and options then give the same output on any machine (e.g. 60)")
     group.add_argument("--conv", choices=("native", "im2col"), default="native",
                        help="native: 2:4 conv weights; im2col: lower selected convs to unfold+MatMul")
     group.add_argument("--fp16", action="store_true", help="emit FP16 weights and compute (LayerNorm/Softmax kept FP32)")
@@ -103,6 +106,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         permute=args.permute,
         allow_gather=args.allow_gather,
         perm_time_budget=args.perm_time,
+        perm_steps=args.perm_steps,
         target=args.target,
         max_drift=args.max_drift,
         sparsity=args.sparsity,

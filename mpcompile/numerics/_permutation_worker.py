@@ -1,6 +1,6 @@
 """A worker process for :func:`mpcompile.numerics.permutation.search_permutations`.
 
-Reads one pickled list of ``(key, scores, time_budget_s, seed)`` jobs on stdin and writes one
+Reads one pickled list of ``(key, scores, time_budget_s, seed, max_iterations)`` jobs on stdin and writes one
 pickled ``(key, PermutationResult)`` per job to stdout as each search ends. A plain module run
 with ``python -m`` rather than multiprocessing: spawn would re-run the caller's ``__main__``
 (the ``mpcompile`` CLI itself, or a user's unguarded script), and fork would copy a process
@@ -20,8 +20,8 @@ def main() -> int:
 
     threadpool_limits(1)
     jobs = pickle.load(sys.stdin.buffer)
-    for key, scores, time_budget_s, seed in jobs:
-        result = search_permutation(scores, time_budget_s=time_budget_s, seed=seed)
+    for key, scores, time_budget_s, seed, max_iterations in jobs:
+        result = search_permutation(scores, time_budget_s=time_budget_s, seed=seed, max_iterations=max_iterations)
         pickle.dump((key, result), sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
         sys.stdout.buffer.flush()
     return 0

@@ -700,6 +700,7 @@ def search_permutations(
     *,
     time_budget_s: float,
     seed: int = 0,
+    max_iterations: int | None = None,
     workers: int | None = None,
     on_done: Callable[[Hashable], None] | None = None,
 ) -> dict[Hashable, PermutationResult]:
@@ -717,7 +718,8 @@ def search_permutations(
     results: dict[Hashable, PermutationResult] = {}
     if workers == 1:
         for key, scores in problems.items():
-            results[key] = search_permutation(scores, time_budget_s=time_budget_s, seed=seed)
+            results[key] = search_permutation(scores, time_budget_s=time_budget_s, seed=seed,
+                                              max_iterations=max_iterations)
             if on_done is not None:
                 on_done(key)
         return results
@@ -725,7 +727,7 @@ def search_permutations(
     items = list(problems.items())
     procs = []
     for w in range(workers):
-        jobs = [(key, scores, time_budget_s, seed) for key, scores in items[w::workers]]
+        jobs = [(key, scores, time_budget_s, seed, max_iterations) for key, scores in items[w::workers]]
         proc = subprocess.Popen([sys.executable, "-m", "mpcompile.numerics._permutation_worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         procs.append((proc, len(jobs)))
