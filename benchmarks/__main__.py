@@ -4,7 +4,9 @@ Why subprocesses: each script measures wall time or peak RSS of fresh processes 
 own BLAS threads before numpy is imported (``permutation.py``), so they must not share an
 interpreter; a crash in one must not stop the others either. Each script writes its own JSON
 (and Markdown where it has one) under ``benchmarks/results/``; this runner prints one line per
-script and exits non-zero if any script failed. ``gpu_audit`` exits 6 without CUDA: skipped.
+script and exits non-zero if any script failed (crashed or could not run). A missed speed or
+memory target is reported as ``missed``, not as a failure: timings on a shared 2-core machine
+vary, and CI runs ``--quick`` as a smoke test. ``gpu_audit`` exits 6 without CUDA: skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks")
 
+TARGET_MISSED = 10  # analyze_speed: ran fine, a target was missed
 # (name, script, exit code meaning "skipped: needs hardware this machine lacks")
 BENCHMARKS = (
     ("mp_fit_accuracy", "mp_fit_accuracy.py", None),
@@ -35,7 +38,7 @@ BENCHMARKS = (
 @dataclass
 class Outcome:
     name: str
-    status: str  # ok | failed | skipped | missing
+    status: str  # ok | failed | skipped | missed | missing
     returncode: int | None
     seconds: float
 
@@ -54,6 +57,8 @@ def run_one(name: str, script: str, skip_code: int | None, quick: bool) -> Outco
         status = "ok"
     elif skip_code is not None and returncode == skip_code:
         status = "skipped"
+    elif returncode == TARGET_MISSED:
+        status = "missed"
     else:
         status = "failed"
     return Outcome(name, status, returncode, seconds)
@@ -70,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for o in outcomes:
         rc = "" if o.returncode is None else str(o.returncode)
         print(f"{o.name:<16} {o.status:<9} {rc:>4} {o.seconds:>8.1f}")
-    print("(analyze_speed exits 1 when a target is missed; the others only when a run failed: "
-          "see each script's output and JSON)")
+    print("(missed: ran, but a speed/memory target was missed; see each script's output and JSON)")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 

@@ -50,6 +50,8 @@ from benchmarks.model_generators import (  # noqa: E402
     write_vit,
 )
 
+TARGET_MISSED_EXIT = 10  # ran fine, a speed/memory target was missed (not a failure)
+
 logger = logging.getLogger(__name__)
 
 RESULTS_DIR = HERE / "results"
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or RESULTS_DIR / name
     save_results(result, out)
     print(f"\nsaved {out}")
-    return 0 if result["all_targets_pass"] else 1
+    return 0 if result["all_targets_pass"] else TARGET_MISSED_EXIT
 
 
 if __name__ == "__main__":

@@ -394,7 +394,8 @@ def summarise(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 ASP seeds, 1 seed per large layer")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "permutation.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/permutation[_quick].json)")
     parser.add_argument(
         "--budget", type=float, default=TARGET_SECONDS, help="seconds per ASP problem"
     )
@@ -516,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "all_targets_pass": all(v for v in targets.values() if v is not None),
     }
+    if args.out is None:  # a quick run must not overwrite the full results
+        args.out = HERE / "results" / ("permutation_quick.json" if args.quick else "permutation.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     md = args.out.with_suffix(".md")
