@@ -425,18 +425,23 @@ def _judge_permutation(consumers, perm, stats_by_node, method) -> _Judgement:
         stats = stats_by_node.get(consumer.node)
         if stats is None or not stats.has_gram or method not in DATA_METHODS:
             return _Judgement(None)
-        full = stats.expanded()  # read three times below: rebuild the full matrix once
+        full = stats.expanded()  # read several times below: rebuild the full matrix once
         w = consumer.matrix()
         kperm = _k_permutation(consumer, perm)
         result = apply_method(method, w, full)
         before += reconstruction_error(w, result.weight, full, float32=True)
         judgement.identity[consumer.name] = result.packed(w)
-        permuted = LayerStats(gram=full.gram[np.ix_(kperm, kperm)], rows=full.rows)
-        del full, result  # one full matrix at a time
+        permuted = full.permuted(kperm)  # compact: no second full matrix
         result = apply_method(method, w[:, kperm], permuted)
-        after += reconstruction_error(w[:, kperm], result.weight, permuted, float32=True)
         judgement.permuted[consumer.name] = result.packed(w[:, kperm])
-        judgement.permuted_stats[consumer.node] = permuted.compact()
+        # The permuted layer's error, measured back in the original column order against the
+        # full matrix already at hand: the same number, without a permuted copy of it.
+        unpermuted = np.empty_like(result.weight)
+        unpermuted[:, kperm] = result.weight
+        del result
+        after += reconstruction_error(w, unpermuted, full, float32=True)
+        del full, unpermuted
+        judgement.permuted_stats[consumer.node] = permuted
     judgement.gain = (before - after) / before if before > 0 else 0.0
     return judgement
 
@@ -481,7 +486,9 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
                 advance(layer.name)
                 continue
             groups[len(records)] = (plan, consumers)
-            problems[len(records)] = np.concatenate([_scores(c, stats_by_node.get(c.node), method) for c in consumers])
+            # float32 halves what is held while the searches run (they search in float32)
+            problems[len(records)] = np.concatenate(
+                [_scores(c, stats_by_node.get(c.node), method) for c in consumers]).astype(np.float32)
             records.append(None)
         if opts.perm_steps is not None and opts.perm_steps < 0:
             raise UsageError(f"--perm-steps must be >= 0, got {opts.perm_steps}")
@@ -518,7 +525,7 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
                 stats_by_node[consumer.node] = judgement.permuted_stats[consumer.node]
             elif stats is not None and stats.has_gram:
                 kperm = _k_permutation(consumer, perm)
-                stats_by_node[consumer.node] = LayerStats(stats.gram[np.ix_(kperm, kperm)], stats.rows).compact()
+                stats_by_node[consumer.node] = stats.permuted(kperm)
     return records
 
 

@@ -724,6 +724,7 @@ def search_permutations(
                 on_done(key)
         return results
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    keys = list(problems)
     items = list(problems.items())
     procs = []
     for w in range(workers):
@@ -733,6 +734,8 @@ def search_permutations(
         procs.append((proc, len(jobs)))
         # Writing in a thread: a pipe holds 64 KB, and the worker reads all jobs before answering.
         threading.Thread(target=_send, args=(proc, jobs), daemon=True).start()
+        del jobs
+    del items  # the send threads hold the score matrices only until they are written
     errors: list[str] = []
 
     def collect(proc: subprocess.Popen, count: int) -> None:
@@ -756,10 +759,11 @@ def search_permutations(
         proc.stderr.close()
     if errors:
         raise RuntimeError(f"a permutation search worker failed: {errors[0]}")
-    return {key: results[key] for key in problems}
+    return {key: results[key] for key in keys}
 
 
 def _send(proc: subprocess.Popen, jobs: list) -> None:
     with contextlib.suppress(BrokenPipeError):
         pickle.dump(jobs, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         proc.stdin.close()
+    jobs.clear()
