@@ -22,7 +22,7 @@ from scipy.linalg.blas import ssyrk
 
 from mpcompile.errors import UsageError
 from mpcompile.numerics.im2col import im2col_rows
-from mpcompile.numerics.masks import LayerStats
+from mpcompile.numerics.masks import LayerStats, upper_row_start
 from mpcompile.passes.gemm_discovery import GemmLayer
 from mpcompile.shapes import ShapeSpec
 
@@ -383,10 +383,10 @@ def capture_layer_stats(
     stop = data.samples - data.samples % size if data.static_batch else data.samples
     if stop == 0:
         raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
+    fetched = list(dict.fromkeys([*names, *output_names]))
     start = 0
     while start < stop:
         take = min(size, stop - start)
-        fetched = list(dict.fromkeys([*names, *output_names]))
         outputs = dict(zip(fetched, runner.run(data.slice(start, start + take), fetched)))
         for name in output_names:
             output_parts[name].append(outputs[name])
@@ -429,14 +429,11 @@ def _add_upper_gram(upper: np.ndarray, rows: np.ndarray, block: int = GRAM_BLOCK
         # the upper one of a C-ordered view, which the extraction reads contiguously.
         upper += LayerStats.upper_of(ssyrk(1.0, rows.T, trans=0, lower=1).T)
         return
-    start = 0
     for i0 in range(0, k, block):
         i1 = min(i0 + block, k)
         band = rows[:, i0:i1].T @ rows[:, i0:]  # [i1-i0, k-i0]: rows i0..i1 from the diagonal on
         keep = np.triu(np.ones(band.shape, dtype=bool))
-        stop = start + (i1 - i0) * (k - i0) - (i1 - i0) * (i1 - i0 - 1) // 2
-        upper[start:stop] += band[keep]
-        start = stop
+        upper[upper_row_start(i0, k) : upper_row_start(i1, k)] += band[keep]
 
 
 def _capture_key(layer: GemmLayer) -> str:

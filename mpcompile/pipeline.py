@@ -193,6 +193,8 @@ def compile_model(
     opts = options or CompileOptions()
     if opts.conv not in ("native", "im2col"):
         raise UsageError(f"--conv must be 'native' or 'im2col', got {opts.conv!r}")
+    if opts.perm_steps is not None and opts.perm_steps < 0:
+        raise UsageError(f"--perm-steps must be >= 0, got {opts.perm_steps}")
     timings: dict[str, float] = {}
     notes: list[str] = []
     t0 = time.perf_counter()
@@ -299,7 +301,6 @@ def compile_model(
 
     with progress(f"{method} masks", len(selected)) as advance:
         if unstructured:
-            fits = {a.name: a.fit for a in analysis.result.layers if a.fit is not None}
             sparsify = ApplyUnstructuredPruningPass(selected, method=method, sparsity=opts.sparsity, fits=fits,
                                                     progress=advance)
             notes.append(f"{method} is unstructured ({100 * opts.sparsity:.0f}% of entries removed): "
@@ -490,8 +491,6 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
             problems[len(records)] = np.concatenate(
                 [_scores(c, stats_by_node.get(c.node), method) for c in consumers]).astype(np.float32)
             records.append(None)
-        if opts.perm_steps is not None and opts.perm_steps < 0:
-            raise UsageError(f"--perm-steps must be >= 0, got {opts.perm_steps}")
         # With a step count the clock must not stop a search first (a slow machine would differ).
         budget = opts.perm_time_budget if opts.perm_steps is None else REPRODUCIBLE_SEARCH_CAP_S
         searches = search_permutations(problems, time_budget_s=budget, seed=opts.seed, max_iterations=opts.perm_steps,

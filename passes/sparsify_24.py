@@ -15,10 +15,10 @@ from functools import partial
 
 import numpy as np
 import onnx_ir as ir
-from mpcompile.passes.gemm_discovery import GemmLayer
 
 from mpcompile.errors import UsageError
 from mpcompile.numerics.masks import LayerStats, MaskResult, PackedMaskResult, apply_method
+from mpcompile.passes.gemm_discovery import GemmLayer
 
 __all__ = ["Apply24SparsityPass", "LayerMask", "matrix_to_stored", "write_matrix", "restore_dense", "SPARSITY_KEY"]
 

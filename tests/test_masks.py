@@ -392,3 +392,17 @@ def test_cast_obs_reconstructs_better_than_cast():
     obs = cast_obs_24(w, stats)
     assert (obs.mask.reshape(64, -1, 4).sum(axis=2) == 2).all()
     assert reconstruction_error(w, obs.weight, stats) < 0.8 * reconstruction_error(w, cast_24(w, stats).weight, stats)
+
+
+def test_sparsegpt_raises_the_damping_until_the_hessian_factorises(caplog):
+    # Positive diagonal, indefinite: fails at damping 0.5·mean(diag), factorises at 5·mean(diag).
+    k = 8
+    gram = np.eye(k) + 2.0 * np.kron(np.eye(k // 2), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    w = np.random.default_rng(3).standard_normal((6, k))
+    with caplog.at_level("WARNING"):
+        result = masks.sparsegpt_24(w, LayerStats(gram, rows=100), damp=0.5)
+    assert "retrying" in caplog.text
+    assert result.mask.reshape(6, -1, 4).sum(axis=2).tolist() == [[2, 2]] * 6
+    hopeless = np.eye(k) + 1e6 * np.kron(np.eye(k // 2), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(MpcompileError, match="not positive definite"):
+        masks.sparsegpt_24(w, LayerStats(hopeless, rows=100), damp=0.01)

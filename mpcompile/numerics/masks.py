@@ -34,6 +34,7 @@ __all__ = [
     "LayerStats",
     "MaskResult",
     "PackedMaskResult",
+    "upper_row_start",
     "MaskMethod",
     "MaskInputError",
     "MaskUsageError",
@@ -154,10 +155,9 @@ class LayerStats:
             return self
         k = self._k
         upper = np.empty(k * (k + 1) // 2, dtype=gram.dtype)
-        start = 0
         for i in range(k):
+            start = upper_row_start(i, k)
             upper[start : start + k - i] = gram[order[i], order[i:]]
-            start += k - i
         return LayerStats.from_upper(upper, k, self.rows)
 
     def compact(self) -> LayerStats:
@@ -176,9 +176,7 @@ class LayerStats:
             return np.diag(self._gram).copy()
         if self._upper is None:
             raise MaskInputError("data-free LayerStats has no column norms")
-        k = self._k
-        starts = np.concatenate([[0], np.cumsum(np.arange(k, 1, -1))])  # row i starts at sum_{j<i}(k-j)
-        return self._upper[starts].copy()
+        return self._upper[upper_row_start(np.arange(self._k), self._k)]
 
     def diagonal_blocks(self, m: int) -> np.ndarray:
         """The ``m×m`` diagonal blocks ``C_g`` as float64 ``[K/m, m, m]``: all CAST reads.
@@ -195,8 +193,7 @@ class LayerStats:
         if self._upper is None:
             raise MaskInputError("data-free LayerStats has no covariance blocks")
         i, j = np.minimum(rows, cols), np.maximum(rows, cols)
-        # row i of the upper triangle starts at i·K − i(i−1)/2
-        return np.asarray(self._upper[i * k - i * (i - 1) // 2 + (j - i)], dtype=np.float64)
+        return np.asarray(self._upper[upper_row_start(i, k) + (j - i)], dtype=np.float64)
 
     @property
     def col_sq_norm(self) -> np.ndarray:
@@ -213,6 +210,11 @@ class LayerStats:
         total = self.rows + other.rows
         gram = (self.gram * self.rows + other.gram * other.rows) / total
         return LayerStats(gram=gram, rows=total)
+
+
+def upper_row_start(i: np.ndarray | int, k: int) -> np.ndarray | int:
+    """Where row ``i`` of a ``K×K`` upper triangle starts in its row-major packed form."""
+    return i * k - i * (i - 1) // 2
 
 
 @lru_cache(maxsize=4)
@@ -467,12 +469,12 @@ def wanda_24(w: np.ndarray, stats: LayerStats | None, n: int = 2, m: int = 4) ->
 def _hinv_upper(holder: list[np.ndarray], damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor of ``(G + λI)⁻¹`` with SparseGPT's dead-column handling.
 
-    ``holder`` is a one-item list with a float64 ``G`` this function may take over: it is
-    modified in place and dropped once factorised, so at most two ``K×K`` float64 matrices
-    exist at once (at K = 4608 each is 170 MB; copies at every step used to be six).
+    ``holder`` is a one-item list with a float64 ``G`` this function takes over (the caller
+    then holds no reference through its long sweep): damped in place, so at most three ``K×K``
+    float64 matrices exist at once (at K = 4608 each is 170 MB; copies at every step made six).
     Returns ``(U, dead)``. Dead columns (zero input variance) get H_jj = 1 so H stays invertible;
     their weights do not affect the output and are zeroed by the caller. The damping is raised
-    tenfold (up to four times) if the factorisation still fails, e.g. on a rank-deficient gram.
+    tenfold (up to four times) if a factorisation still fails, e.g. on a rank-deficient gram.
     """
     h = holder.pop()
     dead = np.diag(h) <= 0.0
@@ -486,8 +488,13 @@ def _hinv_upper(holder: list[np.ndarray], damp: float) -> tuple[np.ndarray, np.n
     diagonal += lam
     for attempt in range(5):
         try:
-            c, low = scipy.linalg.cho_factor(h, lower=True, check_finite=False)
-            break
+            c, low = scipy.linalg.cho_factor(h, lower=True, check_finite=False)  # h kept for a retry
+            hinv = scipy.linalg.cho_solve((c, low), np.eye(k), overwrite_b=True, check_finite=False)
+            del c
+            hinv += hinv.T  # symmetrise away rounding (numpy buffers the overlapping transpose)
+            hinv *= 0.5
+            u = scipy.linalg.cholesky(hinv, lower=False, overwrite_a=True, check_finite=False)
+            return u, dead
         except np.linalg.LinAlgError:
             new = max(lam * 10.0, 1e-8 * max(mean_diag, 1e-300))
             logger.warning(
@@ -495,18 +502,7 @@ def _hinv_upper(holder: list[np.ndarray], damp: float) -> tuple[np.ndarray, np.n
             )
             diagonal += new - lam
             lam = new
-    else:
-        raise MaskInputError("sparsegpt: calibration Hessian is not positive definite, even damped")
-    del h, diagonal
-    hinv = scipy.linalg.cho_solve((c, low), np.eye(k), overwrite_b=True, check_finite=False)
-    del c
-    hinv += hinv.T  # symmetrise away rounding (numpy buffers the overlapping transpose)
-    hinv *= 0.5
-    try:
-        u = scipy.linalg.cholesky(hinv, lower=False, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError as exc:
-        raise MaskInputError("sparsegpt: the inverse calibration Hessian is not positive definite") from exc
-    return u, dead
+    raise MaskInputError("sparsegpt: calibration Hessian is not positive definite, even damped")
 
 
 def sparsegpt_24(
