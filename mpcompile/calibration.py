@@ -152,8 +152,12 @@ def load_calibration(path: str | os.PathLike, model: ir.Model, *, limit: int | N
     counts = {a.shape[0] for a in inputs.values()}
     if len(counts) != 1:
         raise UsageError(f"--calib {p}: inputs have different sample counts {sorted(counts)}")
+    from mpcompile.user_checks import check_input_arrays, check_labels
+
+    check_input_arrays(f"--calib {p}", model, inputs)
     if labels is not None:
         labels = np.asarray(labels)[:limit]
+        check_labels(f"--calib {p}", labels, counts.pop())
     return CalibrationData(inputs=inputs, source=f"file:{p}", labels=labels, static_batch=static_batch(model))
 
 

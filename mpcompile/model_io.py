@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from mpcompile.errors import ExternalDataError, InvalidModelError, UsageError
-from mpcompile.proto_stream import write_inline_streamed
+from mpcompile.errors import ExternalDataError, InvalidModelError
+from mpcompile.proto_stream import write_inline_streamed  # noqa: F401  (re-exported for callers)
 from mpcompile.shapes import weightless_copy
 
 __all__ = ["LoadedModel", "load_model", "save_model", "default_output_path", "TWO_GB"]
@@ -222,39 +220,26 @@ def save_model(
     *,
     protect: tuple[str | os.PathLike, ...] = (),
     external_data: bool | None = None,
+    force: bool = True,
 ) -> Path:
-    """Write ``model`` atomically to ``out_path`` and return the resolved path.
+    """Write ``model`` atomically and self-contained to ``out_path``; return the absolute path.
 
-    The model and (if any) its ``<name>.data`` external file are written into a temporary
-    folder beside the destination and moved into place only once complete, so a crash never
-    leaves a half-written model where a pipeline expects a good one.
+    One-output form of :class:`mpcompile.outputs.RunOutputs` (the commands use that directly, to
+    commit a model and its reports together): the model and its external data are staged in a
+    hidden folder beside the destination and committed in an order no reader can observe half
+    done. Every tensor the model needs is written next to it, never referenced from the input.
 
     Args:
-        protect: paths that must never be overwritten (the input model and its data).
+        protect: input files no output may be (the input model; its external data is added).
         external_data: force external data on/off; default: on above ~1.8 GB of weights.
+        force: replace an existing ``out_path`` (the CLI asks for ``--force``).
     """
-    out = Path(out_path).resolve()
-    for guarded in protect:
-        if Path(guarded).resolve() == out:
-            raise UsageError(f"refusing to overwrite the input model {out}; choose another -o path")
-    if not out.parent.is_dir():
-        raise UsageError(f"output folder {out.parent} does not exist")
+    from mpcompile.outputs import RunOutputs, protected_files
+
     use_external = external_data if external_data is not None else _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = out.name + ".data"
-    for guarded in protect:
-        if Path(guarded).resolve() == out.with_name(data_name) and use_external:
-            raise UsageError(f"refusing to overwrite the input's external data {data_name}")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".mpcompile-", dir=out.parent))
-    try:
-        tmp_model = tmp_dir / out.name
-        if use_external:
-            ir.save(model, tmp_model, external_data=data_name)
-        else:
-            write_inline_streamed(model, tmp_model)
-        if use_external:
-            os.replace(tmp_dir / data_name, out.with_name(data_name))
-        os.replace(tmp_model, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with RunOutputs([f for p in protect for f in protected_files(p)], force=force) as outputs:
+        out = outputs.add(out_path, "-o")
+        outputs.save_model(model, out, external_data=use_external)
+        outputs.commit()
     logger.info("wrote %s%s", out, " (+ external data)" if use_external else "")
     return out

@@ -29,9 +29,10 @@ from mpcompile.calibration import (
     synthetic_inputs,
 )
 from mpcompile.errors import UnsupportedModelError, UsageError
-from mpcompile.model_io import default_output_path, load_model, save_model
+from mpcompile.model_io import EXTERNAL_DATA_THRESHOLD, default_output_path, load_model
 from mpcompile.numerics.masks import MASK_METHODS, LayerStats, PackedMaskResult
 from mpcompile.numerics.spectrum_change import spectrum_change
+from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms
 from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask, restore_dense, write_matrix
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
@@ -75,6 +76,8 @@ class CompileOptions:
     conv: str = "native"
     fp16: bool = False
     output: str | None = None
+    # Replace an existing output. The Python API does (as it always has); the CLI asks for --force.
+    force: bool = True
     seed: int = 0
     # Keep each masked layer's dense weight reachable from the result (``LayerMask.dense``):
     # the Python API needs it to carry masks back to torch. The CLI releases it once the
@@ -112,6 +115,10 @@ class CompileResult:
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
     speedup: list[dict[str, Any]] = field(default_factory=list)
+    output_files: list[Any] = field(default_factory=list)
+    """:class:`~mpcompile.outputs.FileRecord` of every file the output model consists of."""
+    committed: bool = True
+    """False when the check failed: then nothing was written under the output's final name."""
     _spectra: dict[str, dict[str, float | int]] | None = field(default=None, repr=False)
 
     def spectra(self) -> dict[str, dict[str, float | int]]:
@@ -140,7 +147,7 @@ class CompileResult:
         return report_header(
             "compile",
             self.input_path,
-            output={"path": str(self.output_path)},
+            output={"path": str(self.output_path), "files": [f.to_dict() for f in self.output_files]},
             shapes=self.analysis.shape_spec.describe(),
             method=self.method,
             calibration=self.calibration_source,
@@ -188,25 +195,53 @@ def compile_model(
     path: str | os.PathLike,
     options: CompileOptions | None = None,
     progress: ProgressFactory = _no_progress,
+    outputs: RunOutputs | None = None,
 ) -> CompileResult:
-    """Run the whole pipeline on ``path`` and write the sparse model (never over the input)."""
+    """Run the whole pipeline on ``path`` and write the sparse model (never over the input).
+
+    The model is staged, checked and validated before it takes its final name, and only when
+    the independent check passes (``result.committed``). A caller passing ``outputs`` (the CLI,
+    which adds its reports to the same run) commits them itself.
+    """
     opts = options or CompileOptions()
+    if outputs is not None:
+        return _compile_into(path, opts, progress, outputs)
+    with RunOutputs([path], force=opts.force) as own:
+        result = _compile_into(path, opts, progress, own)
+        if result.committed:
+            own.commit()
+        return result
+
+
+def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: ProgressFactory,
+                  files: RunOutputs) -> CompileResult:
+    """The pipeline, writing into ``files`` (staged; the caller commits)."""
     if opts.conv not in ("native", "im2col"):
         raise UsageError(f"--conv must be 'native' or 'im2col', got {opts.conv!r}")
     if opts.perm_steps is not None and opts.perm_steps < 0:
         raise UsageError(f"--perm-steps must be >= 0, got {opts.perm_steps}")
+    if opts.perm_time_budget < 0:
+        raise UsageError(f"--perm-time must be >= 0 seconds, got {opts.perm_time_budget:g}")
     timings: dict[str, float] = {}
     notes: list[str] = []
     t0 = time.perf_counter()
+    files.protect([path, opts.calib, opts.eval_data])
+    out_path = Path(opts.output) if opts.output else default_output_path(Path(path).resolve(), "sparse")
+    out_path = files.add(out_path, "-o")
     loaded = load_model(path)
-    out_path = Path(opts.output) if opts.output else default_output_path(loaded.path, "sparse")
-    if out_path.resolve() == loaded.path:
-        raise UsageError(f"refusing to overwrite the input model {loaded.path}; choose another -o path")
+    files.protect(protected_files(loaded.path, loaded.proto))
+    input_external = any(t.data_location == 1 for t in loaded.proto.graph.initializer)
+    from mpcompile.user_checks import check_dim_names
+
+    check_dim_names(loaded.model, opts.shape_spec.dims)
 
     layers_total = len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
     with progress("MP fit", layers_total) as advance:
         analysis = analyze_loaded(loaded, opts.shape_spec, opts.analyze, advance)
     timings["analyze"] = time.perf_counter() - t0
+    from mpcompile.user_checks import check_layer_names
+
+    check_layer_names("--exclude", opts.exclude, [a.name for a in analysis.result.layers])
 
     data, from_user = _load_data(opts, loaded.model)
     eval_data, eval_source = data, data.source
@@ -348,13 +383,16 @@ def compile_model(
     timings["spectra"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    written = save_model(model, out_path, protect=(loaded.path,))
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    staged = files.save_model(model, out_path, external_data=input_external or weights > EXTERNAL_DATA_THRESHOLD)
+    output_files = files.files(out_path)
     timings["write"] = time.perf_counter() - t
 
     t = time.perf_counter()
     from mpcompile.checker import check_model
 
-    check = check_model(written)
+    check = check_model(staged)
+    check.path = str(out_path)
     timings["check"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -370,9 +408,13 @@ def compile_model(
             "speedups are modeled (roofline from datasheet throughput, at the analysed shapes: "
             f"{analysis.shape_spec.describe()}); measure with `mpcompile build` on a GPU"
         )
+    if not check.ok:
+        notes.append(f"the independent 2:4 check failed: nothing was written to {out_path}")
     return CompileResult(
         input_path=loaded.path,
-        output_path=written,
+        output_path=out_path,
+        output_files=output_files,
+        committed=check.ok,
         analysis=analysis,
         selection=selection,
         method=method,

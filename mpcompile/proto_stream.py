@@ -16,16 +16,18 @@ demand, exactly as for a model saved with external data.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.internal.encoder import _VarintBytes
 
-__all__ = ["load_skeleton", "write_inline_streamed"]
+__all__ = ["load_skeleton", "write_inline_streamed", "write_external_streamed"]
 
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
@@ -118,25 +120,122 @@ def load_skeleton(path: str | Path) -> onnx.ModelProto:
     return onnx.ModelProto.FromString(bytes(model))
 
 
-def write_inline_streamed(model: ir.Model, path: str | os.PathLike) -> None:
-    """Write ``model`` as one self-contained ONNX file, one initializer at a time (see module doc):
-    the peak extra memory is one tensor instead of two copies of every weight."""
+def _tensor_proto(name: str, tensor: ir.TensorProtocol) -> onnx.TensorProto:
+    """``tensor`` with its data inline: a tensor read lazily from the *input's* external-data
+    file is copied, so no output ever points at a file that is not its own."""
+    if isinstance(tensor, ir.ExternalTensor):
+        proto = onnx.TensorProto(name=name, dims=[int(d) for d in tensor.shape], data_type=int(tensor.dtype))
+        proto.raw_data = tensor.tobytes()
+        return proto
+    proto = ir.serde.serialize_tensor(tensor)
+    proto.name = name
+    return proto
+
+
+@contextmanager
+def _head_without_external(model: ir.Model) -> Iterator[None]:
+    """Swap every external tensor outside the main-graph initializers (subgraph initializers,
+    Constant values) for an in-memory copy while the head is serialised, then put it back."""
+    undo = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                tensor = attr.value
+                node.attributes[attr.name] = ir.AttrTensor(attr.name, ir.Tensor(tensor.numpy(), dtype=tensor.dtype,
+                                                                                 name=tensor.name))
+                undo.append(lambda n=node, a=attr: n.attributes.__setitem__(a.name, a))
+            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for sub in graphs:
+                for value in sub.initializers.values():
+                    if isinstance(value.const_value, ir.ExternalTensor):
+                        tensor = value.const_value
+                        value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+                        undo.append(lambda v=value, t=tensor: setattr(v, "const_value", t))
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _head(model: ir.Model) -> tuple[bytes, list[ir.Value]]:
+    """The serialised model without its main-graph initializers, and those initializers."""
     graph = model.graph
     initializers = list(graph.initializers.values())
     for value in initializers:
         graph.initializers.pop(value.name)
     try:
-        head = ir.serde.serialize_model(model).SerializeToString()
+        with _head_without_external(model):
+            head = ir.serde.serialize_model(model).SerializeToString()
     finally:
         for value in initializers:
             graph.initializers[value.name] = value
+    return head, [v for v in initializers if v.const_value is not None]
+
+
+def _record(tensor: onnx.TensorProto) -> bytes:
+    return _message(_MODEL_GRAPH, _message(_GRAPH_INITIALIZER, tensor.SerializeToString()))
+
+
+def write_inline_streamed(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` as one self-contained ONNX file, one initializer at a time (see module doc):
+    the peak extra memory is one tensor instead of two copies of every weight."""
+    head, initializers = _head(model)
     with open(path, "wb") as f:
         f.write(head)
         for value in initializers:
-            if value.const_value is None:
+            f.write(_record(_tensor_proto(value.name, value.const_value)))
+
+
+EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 64
+
+
+def write_external_streamed(model: ir.Model, path: str | os.PathLike) -> str | None:
+    """Write ``model`` to ``path`` with every main-graph initializer of at least 1 KiB in one new
+    external-data file beside it, one tensor at a time; return that file's name (None: no tensor
+    was big enough).
+
+    The data file is named ``<path name>.<sha256[:16]>.data`` after its content, so a new graph
+    never shares a data-file name with an older graph of different weights (see
+    :mod:`mpcompile.outputs` for why), and the same weights give the same file.
+    """
+    out = Path(path)
+    head, initializers = _head(model)
+    tmp_data = out.with_name(out.name + ".data.partial")
+    digest = hashlib.sha256()
+    stubs: list[tuple[onnx.TensorProto, tuple[int, int] | None]] = []
+    offset = 0
+    with open(tmp_data, "wb") as data:
+        for value in initializers:
+            tensor = value.const_value
+            if tensor.nbytes < EXTERNAL_MIN_BYTES or tensor.dtype == ir.DataType.STRING:
+                stubs.append((_tensor_proto(value.name, tensor), None))
                 continue
-            tensor = ir.serde.serialize_tensor(value.const_value)
-            tensor.name = value.name
-            record = _message(_GRAPH_INITIALIZER, tensor.SerializeToString())
-            del tensor
-            f.write(_message(_MODEL_GRAPH, record))
+            pad = b"\0" * (-offset % _ALIGN)
+            raw = tensor.tobytes()
+            data.write(pad)
+            data.write(raw)
+            digest.update(pad)
+            digest.update(raw)
+            offset += len(pad)
+            stubs.append((onnx.TensorProto(name=value.name, dims=[int(d) for d in tensor.shape],
+                                           data_type=int(tensor.dtype)), (offset, len(raw))))
+            offset += len(raw)
+            del raw
+    if all(span is None for _, span in stubs):
+        tmp_data.unlink()
+        name = None
+    else:
+        name = f"{out.name}.{digest.hexdigest()[:16]}.data"
+        os.replace(tmp_data, out.with_name(name))
+    with open(out, "wb") as f:
+        f.write(head)
+        for tensor, span in stubs:
+            if span is not None:
+                for key, value in (("location", name), ("offset", str(span[0])), ("length", str(span[1]))):
+                    tensor.external_data.add(key=key, value=value)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            f.write(_record(tensor))
+    return name

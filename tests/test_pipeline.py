@@ -125,7 +125,7 @@ def test_cli_compile_and_check(small_net, tmp_path, capsys):
 
 def test_cli_refuses_to_overwrite_input(small_net, capsys):
     assert main(["-q", str(small_net), "-o", str(small_net), "--no-permute"]) == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert "is the input file" in capsys.readouterr().err
 
 
 def test_analyze_json_and_annotate(small_net, tmp_path, capsys):

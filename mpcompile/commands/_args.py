@@ -7,7 +7,7 @@ import argparse
 from mpcompile.analyze import AnalyzeOptions
 from mpcompile.shapes import DEFAULT_DYNAMIC_DIM, ShapeSpec, parse_shape_args
 
-__all__ = ["add_shape_args", "shape_spec_from_args", "add_spectral_args", "analyze_options_from_args"]
+__all__ = ["add_force_arg", "add_shape_args", "shape_spec_from_args", "add_spectral_args", "analyze_options_from_args"]
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
@@ -59,3 +59,8 @@ def analyze_options_from_args(args: argparse.Namespace) -> AnalyzeOptions:
         tw_confidence=args.tw_confidence or None,
         annotate=True,
     )
+
+
+def add_force_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing output files (without it an existing output is an error)")

@@ -11,15 +11,17 @@ from rich.table import Table
 
 from mpcompile.analyze import Analysis, analyze_loaded
 from mpcompile.commands._args import (
+    add_force_arg,
     add_shape_args,
     add_spectral_args,
     analyze_options_from_args,
     shape_spec_from_args,
 )
 from mpcompile.console import format_count, format_float, progress_callback, stderr_console, stdout_console
-from mpcompile.model_io import load_model, save_model
+from mpcompile.model_io import load_model
+from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.passes.gemm_discovery import discover_gemms
-from mpcompile.report import dumps, report_header, write_json
+from mpcompile.report import dumps, report_header
 
 __all__ = ["register", "run", "analysis_report", "render_analysis_table"]
 
@@ -50,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout instead of a table")
     parser.add_argument("--annotate", metavar="OUT.onnx",
                         help="write a copy of the model with mpcompile.* entries in each node's metadata_props")
+    add_force_arg(parser)
     add_shape_args(parser)
     add_spectral_args(parser)
     parser.set_defaults(handler=run)
@@ -60,6 +63,9 @@ def run_analysis(args: argparse.Namespace, model_path: str) -> Analysis:
     err = stderr_console(quiet=getattr(args, "quiet", False))
     loaded = load_model(model_path)
     spec = shape_spec_from_args(args)
+    from mpcompile.user_checks import check_dim_names
+
+    check_dim_names(loaded.model, spec.dims)
     total = len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
     with progress_callback(err, "MP fit", total, enabled=not args.json) as advance:
         return analyze_loaded(loaded, spec, analyze_options_from_args(args), advance)
@@ -119,17 +125,35 @@ def render_analysis_table(analysis: Analysis, console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    analysis = run_analysis(args, args.model)
-    report = analysis_report(analysis)
+    """Outputs are guarded before the analysis runs and committed together after it."""
+    from mpcompile.commands._inputs import onnx_input
+
     err = stderr_console(quiet=getattr(args, "quiet", False))
-    if args.json:
-        sys.stdout.write(dumps(report) + "\n")
-    else:
-        render_analysis_table(analysis, stdout_console())
-    if args.output:
-        path = write_json(report, args.output)
-        err.print(f"report: {path}")
-    if args.annotate:
-        path = save_model(analysis.loaded.model, args.annotate, protect=(analysis.loaded.path,))
-        err.print(f"annotated model: {Path(path)}")
+    with RunOutputs(protected_files(args.model) if Path(args.model).is_file() else [args.model],
+                    force=args.force) as outputs:
+        report_path = outputs.add(args.output, "-o") if args.output else None
+        annotate_path = outputs.add(args.annotate, "--annotate") if args.annotate else None
+        with onnx_input(args.model) as model_path:
+            analysis = run_analysis(args, model_path)
+        outputs.protect(protected_files(analysis.loaded.path, analysis.loaded.proto))
+        report = analysis_report(analysis)
+        if annotate_path is not None:
+            outputs.save_model(analysis.loaded.model, annotate_path, external_data=_has_external(analysis))
+            report["annotated"] = {"path": str(annotate_path),
+                                   "files": [f.to_dict() for f in outputs.files(annotate_path)]}
+        if report_path is not None:
+            outputs.write_text(report_path, dumps(report) + "\n")
+        if args.json:
+            sys.stdout.write(dumps(report) + "\n")
+        else:
+            render_analysis_table(analysis, stdout_console())
+        outputs.commit()
+    if report_path is not None:
+        err.print(f"report: {report_path}")
+    if annotate_path is not None:
+        err.print(f"annotated model: {annotate_path}")
     return 0
+
+
+def _has_external(analysis: Analysis) -> bool:
+    return any(t.data_location == 1 for t in analysis.loaded.proto.graph.initializer)

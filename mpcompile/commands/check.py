@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mpcompile.console import stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
-from mpcompile.report import dumps, report_header, write_json
+from mpcompile.report import dumps, report_header
 
 __all__ = ["register", "run"]
 
@@ -36,12 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="ONNX model to check")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of a table")
     parser.add_argument("-o", "--output", metavar="CHECK.json", help="write the JSON result here")
+    parser.add_argument("--force", action="store_true", help="replace an existing -o file")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mpcompile.checker import check_model, render_check_table
 
+    from mpcompile.outputs import RunOutputs, model_files
+
+    outputs = RunOutputs(model_files(args.model) if Path(args.model).is_file() else [args.model], force=args.force)
+    if args.output:
+        outputs.add(args.output, "-o")  # refused before the check runs
     report = check_model(args.model)
     payload = report_header("check", None, model={"path": str(args.model)}, **report.to_dict())
     if args.json:
@@ -49,5 +56,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         render_check_table(report, stdout_console())
     if args.output:
-        stderr_console(args.quiet).print(f"report: {write_json(payload, args.output)}")
+        with outputs:
+            outputs.write_text(args.output, dumps(payload) + "\n")
+            outputs.commit()
+        stderr_console(args.quiet).print(f"report: {args.output}")
     return 0 if report.ok else EXIT_CHECK_FAILED

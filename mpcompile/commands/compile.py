@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from pathlib import Path
 
 from rich.table import Table
 
 from mpcompile.commands._args import (
+    add_force_arg,
     add_shape_args,
     add_spectral_args,
     analyze_options_from_args,
@@ -19,7 +21,9 @@ from mpcompile.errors import EXIT_CHECK_FAILED
 from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
-from mpcompile.report import dumps, write_json
+from mpcompile.model_io import default_output_path
+from mpcompile.outputs import RunOutputs
+from mpcompile.report import dumps
 from mpcompile.selection import ORDERS
 
 __all__ = ["register", "run", "options_from_args", "render_compile_summary"]
@@ -50,9 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="ONNX model")
+    parser.add_argument("model", help="ONNX model, or a torch.export archive (.pt2)")
     parser.add_argument("-o", "--output", metavar="OUT.onnx", help="output model (default: MODEL.sparse.onnx)")
-    parser.add_argument("--report", metavar="REPORT.json", help="JSON report (default: OUT.report.json)")
+    parser.add_argument("--report", metavar="REPORT.json",
+                        help="JSON report (default: OUT.report.json; .md and .html beside it)")
+    add_force_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     group = parser.add_argument_group("sparsity")
     group.add_argument("--method", choices=sorted([*MASK_METHODS, *UNSTRUCTURED_METHODS]),
@@ -179,36 +185,59 @@ def render_compile_summary(result: CompileResult, console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Model, JSON, Markdown and HTML reports are one run: all staged, committed together only
+    when the independent check passes (see :mod:`mpcompile.outputs`)."""
+    from mpcompile.commands._inputs import onnx_input
+
     err = stderr_console(args.quiet)
     options = options_from_args(args)
-    factory = partial(_progress, err, enabled=not args.json and not args.quiet)
-    result = compile_model(args.model, options, progress=factory)
-    report = result.to_dict()
-    report_path = args.report or str(result.output_path.with_suffix("")) + ".report.json"
-    write_json(report, report_path)
-    extra = _write_human_reports(report, report_path, result, err)
+    source = args.model
+    out_path = args.output or str(default_output_path(Path(source).resolve(), "sparse"))
+    report_path = args.report or str(Path(out_path).with_suffix("")) + ".report.json"
+    stem = report_path[: -len(".json")] if report_path.endswith(".json") else report_path
+    with RunOutputs([source], force=args.force) as outputs:
+        options.output = str(outputs.add(out_path, "-o"))
+        report_path = str(outputs.add(report_path, "--report"))
+        outputs.add(f"{stem}.md", "--report (Markdown)")
+        outputs.add(f"{stem}.html", "--report (HTML)")
+        with onnx_input(source) as model_path:
+            result = compile_model(model_path, options, progress=factory_for(args, err), outputs=outputs)
+        report = result.to_dict()
+        outputs.write_text(report_path, dumps(report) + "\n")
+        staged_stem = str(outputs.stage_path(f"{stem}.md"))[: -len(".md")]
+        outputs.stage_path(f"{stem}.html")
+        extra = _write_human_reports(report, staged_stem, stem, result, err)
+        if result.check_ok:
+            outputs.commit()
     if args.json:
         sys.stdout.write(dumps(report) + "\n")
     else:
         render_compile_summary(result, stdout_console())
+    if not result.check_ok:
+        print(f"mpcompile: error: the independent 2:4 check failed on {len(result.check.failures)} layers; "
+              f"nothing written to {result.output_path} or its reports", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     err.print(f"sparse model: {result.output_path}\nreport: {report_path}{extra}")
-    return 0 if result.check_ok else EXIT_CHECK_FAILED
+    return 0
 
 
-def _write_human_reports(report, report_path: str, result: CompileResult, err) -> str:
+def factory_for(args: argparse.Namespace, err):
+    return partial(_progress, err, enabled=not args.json and not args.quiet)
+
+
+def _write_human_reports(report, staged_stem: str, stem: str, result: CompileResult, err) -> str:
     """Markdown always; HTML with plots when matplotlib is installed (the 'plots' extra)."""
     from mpcompile.errors import OptionalDependencyError
     from mpcompile.html_report import render_markdown, write_reports
     from mpcompile.report import write_text
 
-    stem = report_path[: -len(".json")] if report_path.endswith(".json") else report_path
     try:
-        md, page = write_reports(report, stem, result.analysis.result.layers)
-        return f", {md}, {page}"
+        write_reports(report, staged_stem, result.analysis.result.layers)
+        return f", {stem}.md, {stem}.html"
     except OptionalDependencyError as exc:
-        md = write_text(render_markdown(report), f"{stem}.md")
+        write_text(render_markdown(report), f"{staged_stem}.md")
         err.print(f"note: no HTML report: {exc}")
-        return f", {md}"
+        return f", {stem}.md"
 
 
 def _progress(console, description: str, total: int, *, enabled: bool):

@@ -53,6 +53,6 @@ def _run_pipeline(args: argparse.Namespace, source: Path, out_dir: Path) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     subparsers = parser.add_subparsers()
     compile_cmd.register(subparsers)
-    ns = parser.parse_args(["compile", str(model), "--calib", str(calib), "--eval", str(test)])
+    ns = parser.parse_args(["compile", str(model), "--calib", str(calib), "--eval", str(test), "--force"])
     ns.quiet = args.quiet
     return compile_cmd.run(ns)

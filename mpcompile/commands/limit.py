@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -17,7 +18,7 @@ from mpcompile.numerics.pruning_limit import (
     MagnitudeBound,
     layer_bounds,
 )
-from mpcompile.report import dumps, report_header, write_json
+from mpcompile.report import dumps, report_header
 
 __all__ = ["register", "run"]
 
@@ -60,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-hessian", action="store_true", help="bundled model: data-free bound only")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     parser.add_argument("-o", "--output", metavar="REPORT.json", help="write the JSON report here")
+    parser.add_argument("--force", action="store_true", help="replace an existing -o file")
     parser.set_defaults(handler=run)
 
 
@@ -102,8 +104,14 @@ def _table(title: str, rows: list[MagnitudeBound]) -> Table:
 def run(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.bundled):
         raise UsageError("give either an ONNX model or --bundled NAME")
+    from mpcompile.outputs import RunOutputs, model_files
+
     err = stderr_console(quiet=getattr(args, "quiet", False))
     out = stdout_console()
+    outputs = RunOutputs(model_files(args.model) if args.model and Path(args.model).is_file() else [args.model],
+                         force=args.force)
+    if args.output:
+        outputs.add(args.output, "-o")  # refused before any work
     module = None
     if args.bundled:
         from mpcompile.zoo.bundled import bundled_model_path, check_bundled_name
@@ -147,5 +155,8 @@ def run(args: argparse.Namespace) -> int:
         out.print("ρ*: predicted largest global one-shot magnitude-pruning ratio with loss rise ≤ ε; "
                   "a second-order approximation of seed 002's bound (see --help)", style="dim")
     if args.output:
-        err.print(f"report: {write_json(report, args.output)}")
+        with outputs:
+            outputs.write_text(args.output, dumps(report) + "\n")
+            outputs.commit()
+        err.print(f"report: {args.output}")
     return 0
