@@ -38,6 +38,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,7 @@ class RunOutputs:
     def _staging_for(self, folder: Path) -> Path:
         if folder not in self._staging:
             for notice in clean_stale(folder):
-                logger.warning(notice)
+                print(f"mpcompile: note: {notice}", file=sys.stderr)  # one plain line, even under --quiet
                 self.notices.append(notice)
             pid = os.getpid()
             name = f"{STAGING_PREFIX}{pid}-{_process_start(pid)}-{secrets.token_hex(4)}"

@@ -22,7 +22,7 @@ from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
 from mpcompile.model_io import default_output_path
-from mpcompile.outputs import RunOutputs
+from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.report import dumps
 from mpcompile.selection import ORDERS
 
@@ -193,10 +193,11 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     source = args.model
     out_path = args.output or str(default_output_path(Path(source).resolve(), "sparse"))
-    report_path = args.report or str(Path(out_path).with_suffix("")) + ".report.json"
-    stem = report_path[: -len(".json")] if report_path.endswith(".json") else report_path
-    with RunOutputs([source], force=args.force) as outputs:
+    inputs = protected_files(source) if Path(source).is_file() else [source]
+    with RunOutputs([*inputs, args.calib, args.eval_data], force=args.force) as outputs:
         options.output = str(outputs.add(out_path, "-o"))
+        report_path = args.report or str(Path(options.output).with_suffix("")) + ".report.json"
+        stem = report_path[: -len(".json")] if report_path.endswith(".json") else report_path
         report_path = str(outputs.add(report_path, "--report"))
         outputs.add(f"{stem}.md", "--report (Markdown)")
         outputs.add(f"{stem}.html", "--report (HTML)")
