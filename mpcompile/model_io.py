@@ -199,9 +199,9 @@ def _copy_fields(src, dst, skip: str) -> None:
 
 
 def default_output_path(input_path: str | os.PathLike, suffix: str) -> Path:
-    """``model.onnx`` → ``model.<suffix>.onnx`` next to the input."""
+    """``model.onnx`` (or ``model.pt2``) → ``model.<suffix>.onnx`` next to the input."""
     p = Path(input_path)
-    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    stem = next((p.name[: -len(ext)] for ext in (".onnx", ".pt2") if p.name.endswith(ext)), p.name)
     return p.with_name(f"{stem}.{suffix}.onnx")
 
 

@@ -203,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
         outputs.add(f"{stem}.html", "--report (HTML)")
         with onnx_input(source) as model_path:
             result = compile_model(model_path, options, progress=factory_for(args, err), outputs=outputs)
-        report = result.to_dict()
+            report = result.to_dict()  # reads the (possibly exported, temporary) input
+        if model_path != source:
+            report["model"]["exported_from"] = str(Path(source).resolve())
         outputs.write_text(report_path, dumps(report) + "\n")
         staged_stem = str(outputs.stage_path(f"{stem}.md"))[: -len(".md")]
         outputs.stage_path(f"{stem}.html")
