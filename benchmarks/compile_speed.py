@@ -100,9 +100,10 @@ def commands(model: Path, out_dir: Path, polygraphy: str | None) -> dict[str, li
     py = [sys.executable, "-m", "mpcompile", "-q"]
     cmds = {
         "analyze": [*py, "analyze", str(model), "--shape", SHAPE, "--json"],
-        "compile_magnitude": [*py, str(model), "-o", str(out_dir / "magnitude.onnx"), "--method", "magnitude",
+        "compile_magnitude": [*py, str(model), "-o", str(out_dir / "magnitude.onnx"), "--force", "--method", "magnitude",
                               "--shape", SHAPE],
-        "compile_cast": [*py, str(model), "-o", str(out_dir / "cast.onnx"), "--method", "cast", "--shape", SHAPE],
+        "compile_cast": [*py, str(model), "-o", str(out_dir / "cast.onnx"), "--force", "--method", "cast",
+                         "--shape", SHAPE],
     }
     if polygraphy:
         cmds["polygraphy_prune"] = [polygraphy, "surgeon", "prune", str(model), "-o", str(out_dir / "polygraphy.onnx")]

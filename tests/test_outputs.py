@@ -171,3 +171,15 @@ def test_annotate_with_external_data_is_self_contained(model, tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(out.parent, moved)
     np.testing.assert_array_equal(_run(ort.InferenceSession(str(moved / "a.onnx")), x), dense)
+
+
+def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
+    from mpcompile.outputs import _process_start, clean_stale
+
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-{_process_start(os.getpid())}-cafe0001"
+    live.mkdir()
+    assert clean_stale(tmp_path) == [] and live.is_dir()
+    reused = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-1-cafe0002"  # same pid, other start time: a dead run
+    reused.mkdir()
+    if _process_start(os.getpid()) != "0":
+        assert len(clean_stale(tmp_path)) == 1 and not reused.exists() and live.is_dir()

@@ -71,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     from mpcompile.trt.builder import gpu_available
 
     err = stderr_console(args.quiet)
+    from mpcompile.outputs import RunOutputs, model_files
+
     out = Path(args.output or str(Path(args.model).with_suffix("")) + ".build.json")
+    guard = RunOutputs([*model_files(args.model), *(model_files(args.dense) if args.dense else [])], force=True)
+    guard.add(out, "-o")  # never the model, the dense model or their data; refused before any work
     modeled, marked = _modeled(args.model, args)
     ok, reason = gpu_available(require_tensorrt=True)
     report = report_header("build", Path(args.model), marked_layers=marked, speedup=modeled, measured=None)

@@ -69,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from mpcompile.zoo.bundled import check_bundled_name
 
     check_bundled_name(args.bundled)
+    from mpcompile.outputs import RunOutputs
+
+    guard = RunOutputs(force=True)  # -o and --report: distinct files in existing folders, checked first
+    for path, option in ((args.output, "-o"), (args.report, "--report")):
+        if path:
+            guard.add(path, option)
     options = FinetuneOptions(epochs=args.epochs, lr=args.lr, alpha=args.alpha, tau=args.tau,
                               batch_size=args.batch_size, seed=args.seed)
     err = stderr_console(quiet=args.quiet)
