@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -51,8 +50,6 @@ from onnx import external_data_helper
 from mpcompile.errors import UsageError
 
 __all__ = ["RunOutputs", "FileRecord", "model_files", "protected_files", "STAGING_PREFIX", "KILL_HOOK_ENV"]
-
-logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".mpcompile-"
 JOURNAL = "journal.json"

@@ -14,7 +14,7 @@ import pytest
 
 from _output_models import digests, mlp_with_external_data
 from mpcompile.cli import main
-from mpcompile.outputs import STAGING_PREFIX
+from mpcompile.outputs import STAGING_PREFIX, external_locations
 
 FAST = ["--no-permute", "--method", "magnitude", "--target", "0.5"]
 
@@ -183,3 +183,24 @@ def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
     reused.mkdir()
     if _process_start(os.getpid()) != "0":
         assert len(clean_stale(tmp_path)) == 1 and not reused.exists() and live.is_dir()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_saved_model_never_points_at_the_input_data(model, tmp_path, external):
+    """Inline or external, a model loaded from external data is written with all its tensors."""
+    import onnx
+
+    from mpcompile.model_io import load_model, save_model
+
+    loaded = load_model(model)
+    (tmp_path / "copy").mkdir()
+    out = save_model(loaded.model, tmp_path / "copy" / "c.onnx", protect=(model,), external_data=external)
+    locations = external_locations(out)
+    assert (len(locations) == 1) == external and "m.onnx.data" not in locations
+    model.unlink()
+    (model.parent / "m.onnx.data").unlink()
+    moved = tmp_path / "moved"
+    shutil.copytree(out.parent, moved)
+    restored = onnx.load(str(moved / "c.onnx"))
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in restored.graph.initializer}
+    np.testing.assert_array_equal(w["w1"], np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
