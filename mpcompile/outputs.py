@@ -83,12 +83,18 @@ class FileRecord:
 
 
 def external_locations(model_path: Path) -> list[str]:
-    """The external-data locations an ONNX file references (empty when it cannot be parsed)."""
+    """The external-data locations an ONNX file references (empty when it cannot be parsed).
+
+    Read as a skeleton (weights left in the file, pages only mapped): the guard runs before
+    every command and must not parse a multi-GB inline model a second time."""
+    from mpcompile.proto_stream import load_skeleton
+
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        proto = load_skeleton(model_path)
     except Exception:  # a file that is not ONNX references nothing
         return []
-    return _locations(proto)
+    # the skeleton points inline tensors at the file itself: that is not an external file
+    return [name for name in _locations(proto) if name != Path(model_path).name]
 
 
 def _locations(proto: onnx.ModelProto) -> list[str]:
