@@ -237,7 +237,7 @@ def compile_model(
     if opts.only_profitable:
         from mpcompile.speedup import unprofitable_layers
 
-        unprofitable = unprofitable_layers(analysis.result.layers, opts.only_profitable)
+        unprofitable = unprofitable_layers(analysis.result.layers, opts.only_profitable, analysis.shapes)
         notes.append(f"--only-profitable {opts.only_profitable}: {len(unprofitable)} eligible layers kept dense, "
                      "predicted to run dense in TensorRT there (modeled, see each layer's reason)")
     selection = select_layers(analysis.result, target=target, order=opts.order,
@@ -364,7 +364,8 @@ def compile_model(
     timings["total"] = time.perf_counter() - t0
     from mpcompile.speedup import modeled_speedups
 
-    speedup = [] if unstructured else modeled_speedups(analysis.result.layers, set(selection.selected_names))
+    speedup = [] if unstructured else modeled_speedups(analysis.result.layers, set(selection.selected_names),
+                                                          tensor_shapes=analysis.shapes)
     if speedup:
         notes.append(
             "speedups are modeled (roofline from datasheet throughput, at the analysed shapes: "

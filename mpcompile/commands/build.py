@@ -64,7 +64,7 @@ def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, 
     marked = {c.node for c in check_model(model_path).layers if c.marked}
     analysis = analyze_model(model_path, shape_spec_from_args(args), AnalyzeOptions(annotate=False))
     sparse = {a.name for a in analysis.result.layers if a.layer.node.name in marked}
-    return modeled_speedups(analysis.result.layers, sparse), sorted(marked)
+    return modeled_speedups(analysis.result.layers, sparse, tensor_shapes=analysis.shapes), sorted(marked)
 
 
 def run(args: argparse.Namespace) -> int:

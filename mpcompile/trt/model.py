@@ -8,8 +8,12 @@ is never mistaken for a measurement (DESIGN §1 stage 5, §5).
 The model (FP16 operands, FP16/FP32 accumulate; one GEMM ``[M, K] × [K, N]``, M = batch·tokens
 rows, K = reduction, N = outputs):
 
-- dense time  = max(2·M·K·N / peak_dense,  2·(M·K + K·N + M·N) bytes / bandwidth)
-- sparse time = max(2·M·K·N / peak_sparse, (2·(M·K + M·N) + 1.125·K·N) bytes / bandwidth)
+- dense time  = max(2·M·K·N / peak_dense,  2·(X + K·N + M·N) bytes / bandwidth)
+- sparse time = max(2·M·K·N / peak_sparse, (2·(X + M·N) + 1.125·K·N) bytes / bandwidth)
+
+  X is the activation input read once: M·K for a GEMM, but for a convolution the input tensor
+  N·Cin·H·W, not the im2col matrix M·K (which is kh·kw times larger and never exists in DRAM
+  for TensorRT's implicit-GEMM kernels); counting M·K made every 3×3 conv look memory bound.
 
   The 2:4 weight keeps K·N/2 FP16 values (K·N bytes) plus 2 bits of position metadata per kept
   value (K·N/8 bytes): 1.125·K·N bytes instead of 2·K·N. Activations and outputs are unchanged.
@@ -158,16 +162,22 @@ class LayerShape:
     k: int
     n: int
     sparse: bool = True
+    input_elements: int | None = None
+    """Activation elements read (a conv's input tensor N·Cin·H·W); None: M·K, a plain GEMM."""
 
     @property
     def flops(self) -> float:
         return 2.0 * self.m * self.k * self.n
 
+    @property
+    def activation_in(self) -> int:
+        return self.m * self.k if self.input_elements is None else self.input_elements
+
     def dense_bytes(self) -> float:
-        return DENSE_BYTES_PER_ELEMENT * (self.m * self.k + self.k * self.n + self.m * self.n)
+        return DENSE_BYTES_PER_ELEMENT * (self.activation_in + self.k * self.n + self.m * self.n)
 
     def sparse_bytes(self) -> float:
-        return (DENSE_BYTES_PER_ELEMENT * (self.m * self.k + self.m * self.n)
+        return (DENSE_BYTES_PER_ELEMENT * (self.activation_in + self.m * self.n)
                 + SPARSE_WEIGHT_BYTES_PER_ELEMENT * self.k * self.n)
 
     def intensity(self) -> float:
@@ -209,8 +219,8 @@ def predict_sparse_pick(layer: LayerShape, gpu: GpuSpec,
        TensorRT's own kernels are not documented, so this is a proxy);
     4. K and N ≥ ``min_channels`` (256) — NVIDIA staff: sparse wins only when C_in and C_out are
        large (TensorRT#3849, #4065); for a conv, K = Cin·kh·kw, which is why 3×3 beats 1×1;
-    5. compute bound at the dense roofline (intensity M·K·N / (M·K + K·N + M·N) ≥ the GPU's
-       balance): small M (batch·tokens) or small K/N leaves the GEMM memory bound, where the
+    5. compute bound at the dense roofline (intensity 2·M·K·N / dense bytes ≥ the GPU's
+       balance; a conv's input counted once, see the module docstring): small M (batch·tokens) or small K/N leaves the GEMM memory bound, where the
        sparse kernels' tiling overhead loses (pytorch#111339: 0.11× at one token).
     """
     _check_shape(layer)
