@@ -42,3 +42,85 @@ def test_conv_roofline_reads_the_input_tensor_once(tmp_path):
     # without the analysed shapes a stride-1 conv falls back to M·Cin, the same count here
     (fallback,) = layer_shapes(analysis.result.layers, {"conv"})
     assert fallback.input_elements == 64 * 56 * 56
+
+
+def test_precision_decides_the_gain():
+    big = LayerShape("fc", 4096, 4096, 4096)
+    a100 = GPUS["A100-SXM4-80GB"]
+    from mpcompile.trt.model import gemm_time_us, model_speedup
+
+    fp16 = model_speedup([big], a100, other_fraction=0.0, precision="fp16")
+    fp32 = model_speedup([big], a100, other_fraction=0.0, precision="fp32")
+    int8 = model_speedup([big], a100, other_fraction=0.0, precision="int8")
+    assert fp16.speedup == pytest.approx(2.0) and int8.speedup == pytest.approx(2.0)  # compute bound
+    assert fp32.speedup == 1.0 and fp32.precision == "fp32"
+    assert "--fp16" in fp32.per_layer[0].pick_reason
+    # FP32 runs TF32 tensor cores at half the FP16 rate: twice the FP16 dense time when compute bound
+    assert gemm_time_us(big, a100, False, "fp32") == pytest.approx(2 * gemm_time_us(big, a100, False, "fp16"))
+    # INT8 2:4 weight: half of 1-byte values + 2-bit metadata per kept value = 0.625 B/element
+    one_row = LayerShape("gemv", 1, 4096, 4096)
+    assert gemm_time_us(one_row, a100, True, "int8") * 1e-6 * a100.bandwidth_gbs * 1e9 == pytest.approx(
+        4096 + 4096 + 0.625 * 4096 * 4096)
+
+
+def test_dim_lists_expand_to_shape_sets():
+    from mpcompile.errors import UsageError
+    from mpcompile.shapes import expand_dim_sets
+
+    assert expand_dim_sets(["batch=1,8,32", "seq=128"]) == [["batch=1", "seq=128"], ["batch=8", "seq=128"],
+                                                             ["batch=32", "seq=128"]]
+    assert expand_dim_sets(None) == [[]]
+    with pytest.raises(UsageError, match="batch=1,x"):
+        expand_dim_sets(["batch=1,x"])
+
+
+def _mlp(path, width=1024):
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((width, width)) / 32).astype(np.float32)
+    w2 = (rng.standard_normal((width, width)) / 32).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_shape_sets_give_one_row_per_set_and_gpu(tmp_path):
+    from mpcompile.speedup import shape_set_speedups
+
+    specs = [ShapeSpec(dims={"batch": b}) for b in (1, 8, 4096)]
+    analysis = analyze_model(_mlp(tmp_path / "m.onnx"), specs[0], AnalyzeOptions(annotate=False))
+    rows = shape_set_speedups(analysis, {"fc1", "fc2"}, specs, "fp16")
+    assert [(r["shapes"].split(",")[0], r["gpu"]) for r in rows] == [
+        (f"batch={b}", g) for b in (1, 8, 4096) for g in ("A40", "A100-SXM4-80GB")]
+    assert [r["per_layer"][0]["m"] for r in rows[::2]] == [1, 8, 4096]
+    # one row is memory bound (TensorRT keeps dense: 1.00×); 4096 rows are compute bound
+    assert rows[0]["speedup"] == 1.0 and rows[-1]["speedup"] > 1.3
+    assert all(r["precision"] == "fp16" and r["kind"] == "modeled" for r in rows)
+
+
+def test_build_without_tensorrt_models_the_stored_precision(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mpcompile.pipeline import CompileOptions, compile_model
+
+    dense = _mlp(tmp_path / "m.onnx", width=512)
+    for fp16 in (False, True):
+        out = tmp_path / f"m{int(fp16)}.sparse.onnx"
+        compile_model(dense, CompileOptions(output=str(out), fp16=fp16, perm_steps=20, method="magnitude"))
+        proc = subprocess.run([sys.executable, "-m", "mpcompile", "build", str(out), "--dim", "batch=1,4096"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 6, proc.stderr
+        report = json.loads(out.with_suffix(".build.json").read_text())
+        rows = report["speedup"]
+        assert len(rows) == 4 and {r["precision"] for r in rows} == {"fp16" if fp16 else "fp32"}
+        big = [r for r in rows if r["shapes"].startswith("batch=4096")]
+        if fp16:
+            assert all(r["speedup"] > 1.05 and "fp16_speedup" not in r for r in big)
+        else:
+            assert all(r["speedup"] == 1.0 and r["fp16_speedup"] > 1.05 for r in big)
+            assert "if emitted as FP16" in proc.stdout

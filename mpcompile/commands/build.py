@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from mpcompile.commands._args import add_shape_args, shape_spec_from_args
+from mpcompile.commands._args import add_shape_args, shape_spec_from_args, shape_specs_from_args
 from mpcompile.console import stderr_console, stdout_console
-from mpcompile.errors import EXIT_NO_BACKEND
+from mpcompile.errors import EXIT_NO_BACKEND, UsageError
 from mpcompile.report import report_header, write_json
 
 __all__ = ["register", "run"]
@@ -57,14 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """Modeled speedups at the precision the model stores (what TensorRT will build), one row
+    per shape set and GPU."""
     from mpcompile.analyze import AnalyzeOptions, analyze_model
     from mpcompile.checker import check_model
-    from mpcompile.speedup import modeled_speedups
+    from mpcompile.speedup import model_precision, shape_set_speedups
 
     marked = {c.node for c in check_model(model_path).layers if c.marked}
     analysis = analyze_model(model_path, shape_spec_from_args(args), AnalyzeOptions(annotate=False))
     sparse = {a.name for a in analysis.result.layers if a.layer.node.name in marked}
-    return modeled_speedups(analysis.result.layers, sparse, tensor_shapes=analysis.shapes), sorted(marked)
+    precision = model_precision(analysis.loaded.model)
+    return shape_set_speedups(analysis, sparse, shape_specs_from_args(args), precision), sorted(marked)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +83,10 @@ def run(args: argparse.Namespace) -> int:
         write_json(report, out)
         for item in modeled:
             stdout_console().print(
-                f"{item['gpu']} ([bold]modeled[/]): {item['speedup']:.2f}× end to end, "
-                f"Amdahl bound {item['amdahl_bound']:.2f}×"
+                f"{item['gpu']} ([bold]modeled[/], {item['precision'].upper()}, {item['shapes']}): "
+                f"{item['speedup']:.2f}× end to end, Amdahl bound {item['amdahl_bound']:.2f}×"
+                + (f"; {item['fp16_speedup']:.2f}× if emitted as FP16 (mpcompile --fp16)" if "fp16_speedup" in item else ""),
+                highlight=False,
             )
         # one plain line on stderr (no markup, no wrapping): pipelines grep for it
         print(f"mpcompile: no measured build here: {reason}; modeled report written to {out}", file=sys.stderr)
@@ -105,7 +110,8 @@ def _measure(args: argparse.Namespace, marked: list[str], err) -> dict[str, Any]
     result: dict[str, Any] = {"available": True, "sparse_build": sparse.to_dict(), "layers": table.to_dict()}
     engines = {"sparse": sparse.engine_path}
     if args.dense:
-        dense = build_engine(Path(args.dense), BuildConfig(sparse=False, **config), model.with_suffix(".dense.engine"))
+        dense_path, result["precision"] = _dense_at_same_precision(model, Path(args.dense))
+        dense = build_engine(dense_path, BuildConfig(sparse=False, **config), model.with_suffix(".dense.engine"))
         engines["dense"] = dense.engine_path
         result["dense_build"] = dense.to_dict()
         unpicked = table.pruned_but_dense
@@ -134,6 +140,29 @@ def _revert(model: Path, dense: Path, nodes: list[str], args: argparse.Namespace
 
     out = model.with_name(model.stem + ".reverted.onnx")
     return out, revert_dense_weights(model, dense, nodes, out, spec=shape_spec_from_args(args))
+
+
+def _dense_at_same_precision(model: Path, dense: Path) -> tuple[Path, dict[str, str]]:
+    """The dense reference at the sparse model's precision, so the measured ratio is the 2:4
+    gain and not FP32→FP16: an FP32 original of an ``--fp16`` model gets the same FP16 pass."""
+    from mpcompile.model_io import load_model, save_model
+    from mpcompile.speedup import model_precision
+
+    sparse_prec = model_precision(load_model(model).model)
+    loaded = load_model(dense).model
+    dense_prec = model_precision(loaded)
+    info = {"sparse": sparse_prec, "dense": dense_prec, "dense_engine": dense_prec}
+    if sparse_prec == dense_prec:
+        return dense, info
+    if sparse_prec != "fp16" or dense_prec != "fp32":
+        raise UsageError(f"--dense {dense.name} is {dense_prec.upper()} but {model.name} is {sparse_prec.upper()}: "
+                         "give a dense model at the same precision")
+    from mpcompile.passes.fp16 import ConvertToFloat16Pass
+
+    ConvertToFloat16Pass()(loaded)
+    out = save_model(loaded, model.with_name(model.stem + ".dense-fp16.onnx"), protect=(model, dense))
+    info["dense_engine"] = "fp16"
+    return out, info
 
 
 def _engine_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from mpcompile.commands._args import (
     add_spectral_args,
     analyze_options_from_args,
     shape_spec_from_args,
+    shape_specs_from_args,
 )
 from mpcompile.console import format_count, progress_callback, stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
@@ -124,6 +125,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         keep_dense=False,
         analyze=analyze_options_from_args(args),
         shape_spec=shape_spec_from_args(args),
+        speedup_shape_specs=shape_specs_from_args(args),
     )
 
 
@@ -171,8 +173,10 @@ def render_compile_summary(result: CompileResult, console) -> None:
         console.print(line)
     for item in result.speedup:
         console.print(
-            f"speedup on {item['gpu']} ([bold]modeled[/]): {item['speedup']:.2f}× end to end, "
-            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×"
+            f"speedup on {item['gpu']} ([bold]modeled[/], {item.get('precision', 'fp16').upper()}"
+            f"{', ' + item['shapes'] if item.get('shapes') else ''}): {item['speedup']:.2f}× end to end, "
+            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×",
+            markup=True, highlight=False,
         )
     for note in result.notes:
         console.print(f"note: {note}", style="dim")
