@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from mpcompile.passes.spectral_analysis import LayerAnalysis
-from mpcompile.trt.model import LayerShape, gpu_spec, model_speedup, precision_spec, predict_sparse_pick
+from mpcompile.trt.efficiency import calibrated_speedup, find_curve
+from mpcompile.trt.model import DEFAULT_OTHER_FRACTION, LayerShape, gpu_spec, model_speedup, precision_spec, predict_sparse_pick
 
 __all__ = ["REPORT_GPUS", "layer_shapes", "modeled_speedups", "model_precision", "shape_set_speedups",
            "unprofitable_layers"]
@@ -75,7 +76,9 @@ def modeled_speedups(
 ) -> list[dict[str, Any]]:
     """One ``kind="modeled"`` entry per GPU, with per-layer times and the Amdahl bound.
 
-    Each entry states the engine ``precision`` and the ``shapes`` it is at. At a precision
+    Each entry states the engine ``precision`` and the ``shapes`` it is at, and ``calibrated``:
+    the same model with the GPU's efficiency curve fitted to measured kernels
+    (``mpcompile.trt.efficiency``), or None where we hold no measurements for that GPU. At a precision
     without 2:4 kernels (FP32/TF32) it also carries ``fp16_speedup``: what emitting FP16
     (``--fp16``) would model, so the report can say which precision to emit.
     """
@@ -86,6 +89,9 @@ def modeled_speedups(
     for name in gpus:
         entry = model_speedup(shapes, gpu_spec(name), precision=precision).to_dict()
         entry["shapes"] = shapes_label
+        curve = find_curve(name, precision)
+        entry["calibrated"] = (calibrated_speedup(shapes, gpu_spec(name), curve, DEFAULT_OTHER_FRACTION)
+                               if curve else None)
         if not precision_spec(precision).sparse_kernels:
             fp16 = model_speedup(shapes, gpu_spec(name), precision="fp16")
             entry["fp16_speedup"] = fp16.speedup
