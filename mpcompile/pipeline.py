@@ -376,10 +376,12 @@ def compile_model(
         )
         if precision == "fp32":
             best = max(speedup, key=lambda e: e.get("fp16_speedup", 1.0))
+            gain = best.get("fp16_speedup", 1.0)
             notes.append(
                 "the output is FP32: a TensorRT 10+ strongly typed engine runs it without 2:4 kernels "
-                f"(modeled 1.00×); compile with --fp16 for a sparse engine (modeled up to "
-                f"{best.get('fp16_speedup', 1.0):.2f}× on {best['gpu']} at FP16)")
+                "(modeled 1.00×); compile with --fp16 for a sparse engine"
+                + (f" (modeled up to {gain:.2f}× on {best['gpu']} at FP16)" if gain > 1.005 else
+                   " (at these shapes even FP16 is modeled 1.00×: layers too small or memory bound)"))
     return CompileResult(
         input_path=loaded.path,
         output_path=written,

@@ -200,7 +200,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_human_reports(report, report_path: str, result: CompileResult, err) -> str:
-    """Markdown always; HTML with plots when matplotlib is installed (the 'plots' extra)."""
+    """Markdown always; HTML with plots (matplotlib is a core dependency; a broken install
+    still gets the Markdown and a hint whose ``[extra]`` survives rich markup)."""
+    from rich.markup import escape
+
     from mpcompile.errors import OptionalDependencyError
     from mpcompile.html_report import render_markdown, write_reports
     from mpcompile.report import write_text
@@ -211,7 +214,7 @@ def _write_human_reports(report, report_path: str, result: CompileResult, err) -
         return f", {md}, {page}"
     except OptionalDependencyError as exc:
         md = write_text(render_markdown(report), f"{stem}.md")
-        err.print(f"note: no HTML report: {exc}")
+        err.print(f"note: no HTML report: {escape(str(exc))}")
         return f", {md}"
 
 
