@@ -154,3 +154,27 @@ def test_efficiency_curve_fit_recovers_known_maps_and_matches_shipped_constants(
     # the plain roofline is the 1.4-2x that misled: far off this measured point
     roofline = gemm_time_us(big.shape, h100, False) / gemm_time_us(big.shape, h100, True)
     assert roofline > 1.5 * big.speedup
+
+
+def test_build_timing_inputs_are_legal_token_ids(tmp_path):
+    import argparse
+
+    from mpcompile.commands.build import _engine_inputs
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h"], name="gather")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "seq", 16])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    args = argparse.Namespace(model=str(tmp_path / "g.onnx"), shape=None, dim=["batch=4", "seq=128"], default_dim=1)
+    ids = _engine_inputs(args)["ids"]
+    assert ids.shape == (4, 128) and ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 50
+
+
+def test_inspector_reads_trt85_allow_sparse_key():
+    from mpcompile.trt.inspector import _layer
+
+    assert _layer({"Name": "fc", "AllowSparse": 1}).has_sparse_weights is True
+    assert _layer({"Name": "fc", "AllowSparse": 0}).has_sparse_weights is False
+    assert _layer({"Name": "fc", "HasSparseWeights": 1}).has_sparse_weights is True
+    assert _layer({"Name": "fc"}).has_sparse_weights is None
