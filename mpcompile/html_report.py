@@ -164,26 +164,117 @@ def _layer_cells(layer: dict[str, Any]) -> list[str]:
     ]
 
 
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
+    "img{max-width:100%}table{border-collapse:collapse;font-size:13px;margin:.5em 0}"
+    "th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:left}th{background:#f6f8fa}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums}.headline{background:#f0f7ff;"
+    "border-left:4px solid #0969da;padding:.6em 1.2em;margin:1em 0}.headline li{margin:.25em 0}"
+    "code,pre{background:#f6f8fa;padding:2px 4px;font-size:12px}pre{padding:.8em;overflow-x:auto}"
+    ".muted{color:#666;font-size:13px}"
+)
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{html.escape(str(c))}</td>"
+                         for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _headline(report: dict[str, Any]) -> str:
+    """What a reader needs first: what became 2:4, what it cost, what it may buy, what next."""
+    items = []
+    sel = report.get("selection")
+    if sel:
+        sparse = [layer["name"] for layer in report.get("layers", []) if layer.get("sparse")]
+        items.append(f"<b>{sel['sparse_layers']} layers made 2:4</b> ({100 * sel['sparse_fraction_of_eligible']:.1f}% "
+                     f"of eligible GEMM MACs){': ' + html.escape(', '.join(sparse[:6])) if sparse else ''}"
+                     f"{' …' if len(sparse) > 6 else ''}; independent 2:4 check "
+                     f"<b>{'passed' if report['check']['ok'] else 'FAILED'}</b>")
+    v = report.get("validation")
+    if v:
+        acc = (f"accuracy <b>{100 * v['dense_accuracy']:.2f}% → {100 * v['sparse_accuracy']:.2f}%</b>, "
+               if v.get("dense_accuracy") is not None else "")
+        items.append(f"{acc}output drift (relative L2) <b>{v['relative_l2']:.4f}</b>, cosine {v['cosine_similarity']:.4f} "
+                     f"on {v['samples']} samples ({html.escape(str(report.get('calibration', '')))})")
+    rows = report.get("speedup") or []
+    for item in rows:
+        cal = item.get("calibrated")
+        extra = f"; {item['fp16_speedup']:.2f}× if emitted as FP16" if "fp16_speedup" in item else ""
+        extra += f"; with the measured efficiency curve {cal['speedup']:.2f}×" if cal else ""
+        items.append(f"{html.escape(item['gpu'])}: <b>{item['speedup']:.2f}× end to end ({html.escape(item['kind'])})</b>, "
+                     f"{html.escape(item.get('precision', 'fp16').upper())}, at {html.escape(item.get('shapes') or 'analysed shapes')}; "
+                     f"Amdahl bound {item['amdahl_bound']:.2f}×{html.escape(extra)}")
+    model = Path(report.get("output", {}).get("path", "") or report.get("model", {}).get("path", "model.sparse.onnx")).name
+    dense = Path(report.get("model", {}).get("path", "model.onnx")).name
+    nxt = (f"mpcompile build {model} --dense {dense}\n"
+           f"trtexec --onnx={model} --sparsity=enable --fp16 --profilingVerbosity=detailed --dumpLayerInfo")
+    if any(item.get("precision") in ("fp32", "tf32") for item in rows):
+        nxt = f"mpcompile {dense} --fp16   # FP32 engines get no 2:4 kernels\n" + nxt
+    lis = "".join(f"<li>{i}</li>" for i in items)
+    return (f"<div class=headline><ul>{lis}</ul><p>Measure it on the GPU next:</p>"
+            f"<pre>{html.escape(nxt)}</pre></div>")
+
+
+def _speedup_table(report: dict[str, Any]) -> str:
+    rows = []
+    for item in report.get("speedup") or []:
+        cal = item.get("calibrated")
+        rows.append([item["gpu"], item.get("shapes") or "", item.get("precision", "fp16").upper(), item["kind"],
+                     f"{item['speedup']:.2f}×", f"{item['gemm_speedup']:.2f}×", f"{item['amdahl_bound']:.2f}×",
+                     f"{item['fp16_speedup']:.2f}×" if "fp16_speedup" in item else "–",
+                     f"{cal['speedup']:.2f}×" if cal else "no measurements for this GPU"])
+    if not rows:
+        return ""
+    return _table(["GPU", "shapes", "precision", "kind", "end to end", "GEMMs", "Amdahl bound", "at FP16",
+                   "fitted curve"], rows, {4, 5, 6, 7})
+
+
+def _meaningful_latency(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer rows worth plotting: marked layers whose modeled time actually changes."""
+    return [row for row in item.get("per_layer") or [] if row.get("sparse") and row["sparse_us"] < row["dense_us"]]
+
+
 def render_html(report: dict[str, Any], analysis_layers=None) -> str:
     sections = []
+    speed = _speedup_table(report)
+    if speed:
+        sections.append(("<h2>Speedup (modeled unless marked measured)</h2>" + speed))
+    layer_rows = [_layer_cells(layer) for layer in report.get("layers", [])]
+    sections.append("<h2>Layers</h2>" + _table(
+        ["layer", "op", "out×K", "MACs", "σ+", "spikes", "bulk %", "μ", "SEB w", "2:4", "why"], layer_rows,
+        {3, 4, 5, 6, 7, 8}))
+    figures = []
     if analysis_layers:
         spectra = _largest_spectra(analysis_layers)
         if spectra:
-            sections.append(("Spectra of the largest layers (fitted Marchenko–Pastur law)", esd_figure(spectra)))
-    sections.append(("Spectral budget and 2:4 decision per layer", budget_figure(report["layers"])))
+            figures.append(("Spectra of the largest layers (fitted Marchenko–Pastur law)", esd_figure(spectra)))
+    if report.get("layers"):
+        figures.append(("Spectral budget and 2:4 decision per layer", budget_figure(report["layers"])))
+    seen = set()
     for item in report.get("speedup", []) or []:
-        if item.get("per_layer"):
-            sections.append((f"Per-layer latency, {item['gpu']} ({item['kind']})", latency_figure(item["per_layer"], item["kind"])))
-    body = "".join(
-        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'/>"
-        for title, png in sections
-    )
-    md = html.escape(render_markdown(report))
+        rows = _meaningful_latency(item)
+        if rows and item["gpu"] not in seen:
+            seen.add(item["gpu"])
+            figures.append((f"Per-layer latency of layers that get faster, {item['gpu']} ({item['kind']}, "
+                            f"{item.get('precision', 'fp16').upper()}, {item.get('shapes') or ''})",
+                            latency_figure(rows, item["kind"])))
+    if report.get("speedup") and not seen:
+        sections.append("<p class=muted>No per-layer latency plot: no 2:4 layer is modeled faster at these shapes "
+                        "and precision (each keeps its dense time).</p>")
+    sections += [f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{png}'/>"
+                 for t, png in figures]
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
+    meta = (f"<p class=muted>created {html.escape(str(report.get('created')))} by mpcompile "
+            f"{html.escape(str(report.get('tool', {}).get('version')))} (<code>{html.escape(str(report.get('command')))}</code>)"
+            f"{', method ' + html.escape(str(report['method'])) if 'method' in report else ''}</p>")
+    title = html.escape(Path(report.get("model", {}).get("path", "?")).name)
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mpcompile report</title>"
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}img{max-width:100%}"
-        "pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:12px}</style></head><body>"
-        f"<h1>mpcompile report</h1>{body}<h2>Summary and layers</h2><pre>{md}</pre></body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>mpcompile report — {title}</title>"
+        f"<style>{_CSS}</style></head><body><h1>mpcompile report — {title}</h1>{meta}{_headline(report)}"
+        + "".join(sections) + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "") + "</body></html>"
     )
 
 

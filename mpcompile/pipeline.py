@@ -85,6 +85,8 @@ class CompileOptions:
     keep_dense: bool = True
     analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
     shape_spec: ShapeSpec = field(default_factory=ShapeSpec)
+    # Shape sets the modeled speedup is reported at (``--dim batch=1,8,32``); empty: shape_spec.
+    speedup_shape_specs: list[ShapeSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -272,7 +274,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     if opts.only_profitable:
         from mpcompile.speedup import unprofitable_layers
 
-        unprofitable = unprofitable_layers(analysis.result.layers, opts.only_profitable)
+        unprofitable = unprofitable_layers(analysis.result.layers, opts.only_profitable, analysis.shapes)
         notes.append(f"--only-profitable {opts.only_profitable}: {len(unprofitable)} eligible layers kept dense, "
                      "predicted to run dense in TensorRT there (modeled, see each layer's reason)")
     selection = select_layers(analysis.result, target=target, order=opts.order,
@@ -400,14 +402,24 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     validation = compare_outputs(dense_eval_out, sparse_out, eval_data.used_labels)
     timings["validate"] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    from mpcompile.speedup import modeled_speedups
+    from mpcompile.speedup import shape_set_speedups
 
-    speedup = [] if unstructured else modeled_speedups(analysis.result.layers, set(selection.selected_names))
+    precision = "fp16" if opts.fp16 else "fp32"
+    specs = opts.speedup_shape_specs if len(opts.speedup_shape_specs) > 1 else [analysis.shape_spec]
+    speedup = [] if unstructured else shape_set_speedups(analysis, set(selection.selected_names), specs, precision)
     if speedup:
         notes.append(
-            "speedups are modeled (roofline from datasheet throughput, at the analysed shapes: "
-            f"{analysis.shape_spec.describe()}); measure with `mpcompile build` on a GPU"
+            f"speedups are modeled (roofline from datasheet throughput, {precision.upper()} engine, at "
+            f"{'; '.join(s.describe() for s in specs)}); measure with `mpcompile build` on a GPU"
         )
+        if precision == "fp32":
+            best = max(speedup, key=lambda e: e.get("fp16_speedup", 1.0))
+            gain = best.get("fp16_speedup", 1.0)
+            notes.append(
+                "the output is FP32: a TensorRT 10+ strongly typed engine runs it without 2:4 kernels "
+                "(modeled 1.00×); compile with --fp16 for a sparse engine"
+                + (f" (modeled up to {gain:.2f}× on {best['gpu']} at FP16)" if gain > 1.005 else
+                   " (at these shapes even FP16 is modeled 1.00×: layers too small or memory bound)"))
     if not check.ok:
         notes.append(f"the independent 2:4 check failed: nothing was written to {out_path}")
     return CompileResult(

@@ -49,6 +49,24 @@ class ShapeSpec:
 _SHAPE_RE = re.compile(r"^([^:]+):(\d+(?:[x,]\d+)*)$")
 
 
+def expand_dim_sets(dims: list[str] | None) -> list[list[str]]:
+    """``--dim batch=1,8,32 --dim seq=128`` → one single-valued ``--dim`` list per combination.
+
+    Why: a speedup depends on M (batch × tokens), so a report can cover several sizes; each
+    combination is one shape set (the first is the one MACs and calibration use).
+    """
+    import itertools
+
+    choices = []
+    for text in dims or []:
+        name, sep, values = text.partition("=")
+        parts = [v.strip() for v in values.split(",")] if sep else [""]
+        if not sep or not all(p.isdigit() for p in parts):
+            raise UsageError(f"--dim '{text}': expected NAME=INT or NAME=INT,INT,... (e.g. batch=1,8,32)")
+        choices.append([f"{name.strip()}={p}" for p in dict.fromkeys(parts)])
+    return [list(combo) for combo in itertools.product(*choices)] if choices else [[]]
+
+
 def parse_shape_args(shapes: list[str] | None, dims: list[str] | None, default: int) -> ShapeSpec:
     """Parse ``name:1x3x224x224`` and ``dim=8`` strings into a ShapeSpec (UsageError if bad)."""
     spec = ShapeSpec(default=default)

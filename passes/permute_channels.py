@@ -43,13 +43,17 @@ from mpcompile.passes._channel_graph import (
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms, trace_weight
 
 __all__ = [
-    "PERMUTATION_KEY", "FoldPlan", "PermutationRecord", "PermuteChannelsPass", "apply_fold",
+    "INPUT_ORDER_KEY", "OUTPUT_ORDER_KEY", "PERMUTATION_KEY", "FoldPlan", "PermutationRecord", "PermuteChannelsPass", "apply_fold",
     "insert_gather", "plan_fold",
 ]
 
 logger = logging.getLogger(__name__)
 
 PERMUTATION_KEY = "mpcompile.permutation"
+# The orders themselves, so that a later revert (``mpcompile.revert``) can write a dense weight
+# in the permuted frame: consumers hold their input-channel order, the producer its output order.
+INPUT_ORDER_KEY = "mpcompile.input_order"
+OUTPUT_ORDER_KEY = "mpcompile.output_order"
 _CHAIN_OPS = ("Transpose", "Cast", "Identity", "DequantizeLinear")
 
 
@@ -134,8 +138,12 @@ def apply_fold(model: ir.Model, plan: FoldPlan, perm: np.ndarray) -> None:
         )
     perm = _check_perm(perm, plan.channels)
     _apply_edits(model.graph, plan.edits, perm)
+    order = ",".join(map(str, perm.tolist()))
     for consumer in plan.consumers:
         consumer.node.metadata_props[PERMUTATION_KEY] = "folded"
+        consumer.node.metadata_props[INPUT_ORDER_KEY] = order
+    if plan.producer is not None:
+        plan.producer.metadata_props[OUTPUT_ORDER_KEY] = order
     logger.info("folded a %d-channel permutation into %s (%d consumers, %d nodes between)",
                 plan.channels, plan.producer.name if plan.producer else "?",
                 len(plan.consumers), len(plan.through))
@@ -181,6 +189,7 @@ def insert_gather(
     for c in consumers:
         c.node.replace_input_with(0, gather.outputs[0])
         c.node.metadata_props[PERMUTATION_KEY] = "gather"
+        c.node.metadata_props[INPUT_ORDER_KEY] = ",".join(map(str, perm.tolist()))
     edits = [ConstEdit(c.node, c.weight_input, CONSUMER_WEIGHT_AXIS[c.layout], "consumer weight")
              for c in consumers]
     _apply_edits(graph, edits, perm)

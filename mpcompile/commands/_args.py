@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from mpcompile.analyze import AnalyzeOptions
-from mpcompile.shapes import DEFAULT_DYNAMIC_DIM, ShapeSpec, parse_shape_args
+from mpcompile.shapes import DEFAULT_DYNAMIC_DIM, ShapeSpec, expand_dim_sets, parse_shape_args
 
-__all__ = ["add_force_arg", "add_shape_args", "shape_spec_from_args", "add_spectral_args", "analyze_options_from_args"]
+__all__ = ["add_force_arg", "add_shape_args", "shape_spec_from_args", "shape_specs_from_args", "add_spectral_args",
+           "analyze_options_from_args"]
 
 
 def add_shape_args(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +22,9 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dim",
         action="append",
-        metavar="NAME=INT",
-        help="value of a named dynamic dimension, e.g. --dim batch=8 --dim sequence=128",
+        metavar="NAME=INT[,INT...]",
+        help="value of a named dynamic dimension, e.g. --dim batch=8 --dim sequence=128; several values "
+             "(--dim batch=1,8,32) give one modeled-speedup row per shape set, the first is used for MACs",
     )
     group.add_argument(
         "--default-dim",
@@ -34,7 +36,13 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
 
 
 def shape_spec_from_args(args: argparse.Namespace) -> ShapeSpec:
-    return parse_shape_args(args.shape, args.dim, args.default_dim)
+    """The first shape set (``--dim batch=1,8`` → batch=1): MACs, calibration, engines."""
+    return shape_specs_from_args(args)[0]
+
+
+def shape_specs_from_args(args: argparse.Namespace) -> list[ShapeSpec]:
+    """Every shape set the ``--dim`` values span (one unless a --dim lists several values)."""
+    return [parse_shape_args(args.shape, dims, args.default_dim) for dims in expand_dim_sets(args.dim)]
 
 
 def add_spectral_args(parser: argparse.ArgumentParser) -> None:

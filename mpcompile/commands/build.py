@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from mpcompile.commands._args import add_shape_args, shape_spec_from_args
+from mpcompile.commands._args import add_shape_args, shape_spec_from_args, shape_specs_from_args
 from mpcompile.console import stderr_console, stdout_console
-from mpcompile.errors import EXIT_NO_BACKEND
+from mpcompile.errors import EXIT_NO_BACKEND, UsageError
 from mpcompile.report import report_header, write_json
 
 __all__ = ["register", "run"]
@@ -57,14 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """Modeled speedups at the precision the model stores (what TensorRT will build), one row
+    per shape set and GPU."""
     from mpcompile.analyze import AnalyzeOptions, analyze_model
     from mpcompile.checker import check_model
-    from mpcompile.speedup import modeled_speedups
+    from mpcompile.speedup import model_precision, shape_set_speedups
 
     marked = {c.node for c in check_model(model_path).layers if c.marked}
     analysis = analyze_model(model_path, shape_spec_from_args(args), AnalyzeOptions(annotate=False))
     sparse = {a.name for a in analysis.result.layers if a.layer.node.name in marked}
-    return modeled_speedups(analysis.result.layers, sparse), sorted(marked)
+    precision = model_precision(analysis.loaded.model)
+    return shape_set_speedups(analysis, sparse, shape_specs_from_args(args), precision), sorted(marked)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         write_json(report, out)
         for item in modeled:
             stdout_console().print(
-                f"{item['gpu']} ([bold]modeled[/]): {item['speedup']:.2f}× end to end, "
-                f"Amdahl bound {item['amdahl_bound']:.2f}×"
+                f"{item['gpu']} ([bold]modeled[/], {item['precision'].upper()}, {item['shapes']}): "
+                f"{item['speedup']:.2f}× end to end, Amdahl bound {item['amdahl_bound']:.2f}×"
+                + (f"; {item['fp16_speedup']:.2f}× if emitted as FP16 (mpcompile --fp16)" if "fp16_speedup" in item else ""),
+                highlight=False,
             )
         # one plain line on stderr (no markup, no wrapping): pipelines grep for it
         print(f"mpcompile: no measured build here: {reason}; modeled report written to {out}", file=sys.stderr)
@@ -109,16 +114,18 @@ def _measure(args: argparse.Namespace, marked: list[str], err) -> dict[str, Any]
     result: dict[str, Any] = {"available": True, "sparse_build": sparse.to_dict(), "layers": table.to_dict()}
     engines = {"sparse": sparse.engine_path}
     if args.dense:
-        dense = build_engine(Path(args.dense), BuildConfig(sparse=False, **config), model.with_suffix(".dense.engine"))
+        dense_path, result["precision"] = _dense_at_same_precision(model, Path(args.dense))
+        dense = build_engine(dense_path, BuildConfig(sparse=False, **config), model.with_suffix(".dense.engine"))
         engines["dense"] = dense.engine_path
         result["dense_build"] = dense.to_dict()
         unpicked = table.pruned_but_dense
         if args.revert and unpicked:
-            reverted = _revert(model, Path(args.dense), unpicked)
+            reverted, check = _revert(model, Path(args.dense), unpicked, args)
             rebuilt = build_engine(reverted, BuildConfig(sparse=True, **config), reverted.with_suffix(".engine"))
             engines["reverted"] = rebuilt.engine_path
-            result["reverted"] = {"model": str(reverted), "layers": unpicked}
-            err.print(f"{len(unpicked)} pruned layers ran dense in TensorRT: dense weights restored in {reverted}")
+            result["reverted"] = {"model": str(reverted), **check.to_dict()}
+            err.print(f"{len(check.layers)} pruned layers ran dense in TensorRT: dense weights restored in "
+                      f"{reverted} (output drift vs dense {check.sparse_drift:.3g} -> {check.drift:.3g}, ONNX Runtime)")
     inputs = _engine_inputs(args)
     result["latency"] = {
         name: {**time_engine(path, inputs, iters=args.iters).to_dict(), "kind": "measured"}
@@ -130,27 +137,51 @@ def _measure(args: argparse.Namespace, marked: list[str], err) -> dict[str, Any]
     return result
 
 
-def _revert(model: Path, dense: Path, nodes: list[str]) -> Path:
-    """Copy the dense weights of ``nodes`` into a new model file (accuracy for free)."""
-    import onnx
+def _revert(model: Path, dense: Path, nodes: list[str], args: argparse.Namespace):
+    """Dense weights back for ``nodes``, in the permuted frame and stored dtype, validated with
+    ONNX Runtime against the dense model before anything is written (``mpcompile.revert``)."""
+    from mpcompile.revert import revert_dense_weights
 
-    sparse_model, dense_model = onnx.load(model), onnx.load(dense)
-    dense_inits = {t.name: t for t in dense_model.graph.initializer}
-    targets = {n.input[1] for n in sparse_model.graph.node if n.name in set(nodes) and len(n.input) > 1}
-    for init in sparse_model.graph.initializer:
-        if init.name in targets and init.name in dense_inits:
-            init.CopyFrom(dense_inits[init.name])
-    for node in sparse_model.graph.node:
-        if node.name in set(nodes):
-            kept = [p for p in node.metadata_props if p.key != "mpcompile.sparsity"]
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
     out = model.with_name(model.stem + ".reverted.onnx")
-    onnx.save(sparse_model, out)
-    return out
+    return out, revert_dense_weights(model, dense, nodes, out, spec=shape_spec_from_args(args))
+
+
+def _dense_at_same_precision(model: Path, dense: Path) -> tuple[Path, dict[str, str]]:
+    """The dense reference at the sparse model's precision, so the measured ratio is the 2:4
+    gain and not FP32→FP16: an FP32 original of an ``--fp16`` model gets the same FP16 pass."""
+    from mpcompile.model_io import load_model, save_model
+    from mpcompile.speedup import model_precision
+
+    sparse_prec = model_precision(load_model(model).model)
+    loaded = load_model(dense).model
+    dense_prec = model_precision(loaded)
+    info = {"sparse": sparse_prec, "dense": dense_prec, "dense_engine": dense_prec}
+    if sparse_prec == dense_prec:
+        return dense, info
+    if sparse_prec != "fp16" or dense_prec != "fp32":
+        raise UsageError(f"--dense {dense.name} is {dense_prec.upper()} but {model.name} is {sparse_prec.upper()}: "
+                         "give a dense model at the same precision")
+    from mpcompile.passes.fp16 import ConvertToFloat16Pass
+
+    ConvertToFloat16Pass()(loaded)
+    out = save_model(loaded, model.with_name(model.stem + ".dense-fp16.onnx"), protect=(model, dense))
+    info["dense_engine"] = "fp16"
+    return out, info
 
 
 def _engine_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Legal timing inputs at the given shapes: the generator calibration uses (token ids below
+    the embedding table's rows, masks of ones, N(0,1) floats), not N(0,1) for every input."""
+    from mpcompile.calibration import synthetic_inputs
+    from mpcompile.model_io import load_model
+
     spec = shape_spec_from_args(args)
-    rng = np.random.default_rng(0)
-    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in spec.inputs.items()}
+    model = load_model(args.model).model
+    first = model.graph.inputs[0] if model.graph.inputs else None
+    batch = 1
+    if first is not None and first.name in spec.inputs and spec.inputs[first.name]:
+        batch = spec.inputs[first.name][0]
+    elif first is not None and first.shape is not None and len(first.shape):
+        dim = first.shape[0]
+        batch = dim if isinstance(dim, int) else spec.dims.get(str(dim), spec.default)
+    return synthetic_inputs(model, spec, samples=max(1, batch)).inputs

@@ -15,6 +15,7 @@ from mpcompile.commands._args import (
     add_spectral_args,
     analyze_options_from_args,
     shape_spec_from_args,
+    shape_specs_from_args,
 )
 from mpcompile.console import format_count, progress_callback, stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
@@ -130,6 +131,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         keep_dense=False,
         analyze=analyze_options_from_args(args),
         shape_spec=shape_spec_from_args(args),
+        speedup_shape_specs=shape_specs_from_args(args),
     )
 
 
@@ -177,8 +179,10 @@ def render_compile_summary(result: CompileResult, console) -> None:
         console.print(line)
     for item in result.speedup:
         console.print(
-            f"speedup on {item['gpu']} ([bold]modeled[/]): {item['speedup']:.2f}× end to end, "
-            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×"
+            f"speedup on {item['gpu']} ([bold]modeled[/], {item.get('precision', 'fp16').upper()}"
+            f"{', ' + item['shapes'] if item.get('shapes') else ''}): {item['speedup']:.2f}× end to end, "
+            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×",
+            markup=True, highlight=False,
         )
     for note in result.notes:
         console.print(f"note: {note}", style="dim")
@@ -229,7 +233,10 @@ def factory_for(args: argparse.Namespace, err):
 
 
 def _write_human_reports(report, staged_stem: str, stem: str, result: CompileResult, err) -> str:
-    """Markdown always; HTML with plots when matplotlib is installed (the 'plots' extra)."""
+    """Markdown always; HTML with plots (matplotlib is a core dependency; a broken install
+    still gets the Markdown and a hint whose ``[extra]`` survives rich markup)."""
+    from rich.markup import escape
+
     from mpcompile.errors import OptionalDependencyError
     from mpcompile.html_report import render_markdown, write_reports
     from mpcompile.report import write_text
@@ -239,7 +246,7 @@ def _write_human_reports(report, staged_stem: str, stem: str, result: CompileRes
         return f", {stem}.md, {stem}.html"
     except OptionalDependencyError as exc:
         write_text(render_markdown(report), f"{staged_stem}.md")
-        err.print(f"note: no HTML report: {exc}")
+        err.print(f"note: no HTML report: {escape(str(exc))}")
         return f", {stem}.md"
 
 

@@ -246,7 +246,8 @@ def _layer(raw: Mapping[str, Any]) -> TrtLayer:
         parameter_type=raw.get("ParameterType"),
         tactic_name=raw.get("TacticName") or None,
         tactic_value=raw.get("TacticValue"),
-        has_sparse_weights=_as_bool(raw.get("HasSparseWeights")),
+        # TensorRT ≤ 8.5 engine inspectors name the field "AllowSparse"; later ones "HasSparseWeights"
+        has_sparse_weights=_as_bool(raw.get("HasSparseWeights", raw.get("AllowSparse"))),
         precision=str(precision) if precision else None,
         inputs=inputs,
         outputs=outputs,

@@ -8,8 +8,12 @@ is never mistaken for a measurement (DESIGN §1 stage 5, §5).
 The model (FP16 operands, FP16/FP32 accumulate; one GEMM ``[M, K] × [K, N]``, M = batch·tokens
 rows, K = reduction, N = outputs):
 
-- dense time  = max(2·M·K·N / peak_dense,  2·(M·K + K·N + M·N) bytes / bandwidth)
-- sparse time = max(2·M·K·N / peak_sparse, (2·(M·K + M·N) + 1.125·K·N) bytes / bandwidth)
+- dense time  = max(2·M·K·N / peak_dense,  2·(X + K·N + M·N) bytes / bandwidth)
+- sparse time = max(2·M·K·N / peak_sparse, (2·(X + M·N) + 1.125·K·N) bytes / bandwidth)
+
+  X is the activation input read once: M·K for a GEMM, but for a convolution the input tensor
+  N·Cin·H·W, not the im2col matrix M·K (which is kh·kw times larger and never exists in DRAM
+  for TensorRT's implicit-GEMM kernels); counting M·K made every 3×3 conv look memory bound.
 
   The 2:4 weight keeps K·N/2 FP16 values (K·N bytes) plus 2 bits of position metadata per kept
   value (K·N/8 bytes): 1.125·K·N bytes instead of 2·K·N. Activations and outputs are unchanged.
@@ -38,6 +42,8 @@ __all__ = [
     "DEFAULT_OTHER_FRACTION",
     "GPUS",
     "MIN_SPARSE_CHANNELS",
+    "PRECISIONS",
+    "Precision",
     "SPARSE_WEIGHT_BYTES_PER_ELEMENT",
     "GpuSpec",
     "LayerShape",
@@ -48,6 +54,7 @@ __all__ = [
     "gemm_time_us",
     "gpu_spec",
     "model_speedup",
+    "precision_spec",
     "predict_sparse_pick",
 ]
 
@@ -58,6 +65,48 @@ DENSE_BYTES_PER_ELEMENT = 2.0  # FP16
 DEFAULT_OTHER_FRACTION = 0.3
 MIN_SPARSE_CHANNELS = 256  # NVIDIA staff heuristic (TensorRT#3849, #4065)
 _ALIGN = 16  # cuSPARSELt FP16 minimum / multiple (anchors survey §5); a proxy for TensorRT kernels
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one engine precision changes the roofline.
+
+    Attributes:
+        bytes_per_element: operand size in DRAM.
+        peak_scale: Tensor Core peak relative to the FP16 datasheet figure. On A40/A100/H100/
+            H200/L4 the datasheets give TF32 at half and INT8 at twice the FP16 rate.
+        sparse_kernels: whether a TensorRT 10+ strongly typed engine of this precision has 2:4
+            kernels. FP32 tensors build FP32/TF32 kernels, and TensorRT has no sparse FP32 path
+            (builder note; TensorRT developer guide, "Structured Sparsity": FP16/BF16/INT8/FP8).
+    """
+
+    name: str
+    bytes_per_element: float
+    peak_scale: float
+    sparse_kernels: bool
+
+    @property
+    def sparse_weight_bytes(self) -> float:
+        """Half the values plus 2 bits of position metadata per kept value."""
+        return self.bytes_per_element / 2.0 + 1.0 / 8.0
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p for p in (
+        Precision("fp32", 4.0, 0.5, False),
+        Precision("tf32", 4.0, 0.5, False),
+        Precision("fp16", 2.0, 1.0, True),
+        Precision("bf16", 2.0, 1.0, True),
+        Precision("int8", 1.0, 2.0, True),
+    )
+}
+
+
+def precision_spec(name: str) -> Precision:
+    try:
+        return PRECISIONS[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown precision '{name}'; known: {', '.join(PRECISIONS)}") from None
 
 
 @dataclass(frozen=True)
@@ -158,21 +207,27 @@ class LayerShape:
     k: int
     n: int
     sparse: bool = True
+    input_elements: int | None = None
+    """Activation elements read (a conv's input tensor N·Cin·H·W); None: M·K, a plain GEMM."""
 
     @property
     def flops(self) -> float:
         return 2.0 * self.m * self.k * self.n
 
-    def dense_bytes(self) -> float:
-        return DENSE_BYTES_PER_ELEMENT * (self.m * self.k + self.k * self.n + self.m * self.n)
+    @property
+    def activation_in(self) -> int:
+        return self.m * self.k if self.input_elements is None else self.input_elements
 
-    def sparse_bytes(self) -> float:
-        return (DENSE_BYTES_PER_ELEMENT * (self.m * self.k + self.m * self.n)
-                + SPARSE_WEIGHT_BYTES_PER_ELEMENT * self.k * self.n)
+    def dense_bytes(self, element: float = DENSE_BYTES_PER_ELEMENT) -> float:
+        return element * (self.activation_in + self.k * self.n + self.m * self.n)
 
-    def intensity(self) -> float:
+    def sparse_bytes(self, element: float = DENSE_BYTES_PER_ELEMENT,
+                     sparse_weight: float = SPARSE_WEIGHT_BYTES_PER_ELEMENT) -> float:
+        return element * (self.activation_in + self.m * self.n) + sparse_weight * self.k * self.n
+
+    def intensity(self, element: float = DENSE_BYTES_PER_ELEMENT) -> float:
         """Dense arithmetic intensity, FLOP per byte."""
-        return self.flops / self.dense_bytes()
+        return self.flops / self.dense_bytes(element)
 
 
 def _check_shape(layer: LayerShape) -> None:
@@ -182,11 +237,17 @@ def _check_shape(layer: LayerShape) -> None:
             raise UsageError(f"layer '{layer.name}': {dim} must be a positive integer, got {value!r}")
 
 
-def gemm_time_us(layer: LayerShape, gpu: GpuSpec, sparse: bool) -> float:
-    """Roofline time in µs of one GEMM, dense or with a 2:4 weight (see the module docstring)."""
+def gemm_time_us(layer: LayerShape, gpu: GpuSpec, sparse: bool, precision: str = "fp16") -> float:
+    """Roofline time in µs of one GEMM, dense or with a 2:4 weight (see the module docstring).
+
+    At a precision without sparse kernels (FP32/TF32) the sparse time is the dense time.
+    """
     _check_shape(layer)
-    peak = (gpu.fp16_sparse_tflops if sparse else gpu.fp16_dense_tflops) * 1e12
-    nbytes = layer.sparse_bytes() if sparse else layer.dense_bytes()
+    prec = precision_spec(precision)
+    sparse = sparse and prec.sparse_kernels
+    peak = (gpu.fp16_sparse_tflops if sparse else gpu.fp16_dense_tflops) * 1e12 * prec.peak_scale
+    element = prec.bytes_per_element
+    nbytes = layer.sparse_bytes(element, prec.sparse_weight_bytes) if sparse else layer.dense_bytes(element)
     return max(layer.flops / peak, nbytes / (gpu.bandwidth_gbs * 1e9)) * 1e6
 
 
@@ -198,7 +259,7 @@ def amdahl_bound(fraction: float) -> float:
 
 
 def predict_sparse_pick(layer: LayerShape, gpu: GpuSpec,
-                        min_channels: int = MIN_SPARSE_CHANNELS) -> tuple[bool, str]:
+                        min_channels: int = MIN_SPARSE_CHANNELS, precision: str = "fp16") -> tuple[bool, str]:
     """Will TensorRT pick a sparse tactic for this GEMM? A heuristic, with the reason.
 
     Rules, first failure wins (sources in the anchors survey §2, §5, §8):
@@ -209,13 +270,17 @@ def predict_sparse_pick(layer: LayerShape, gpu: GpuSpec,
        TensorRT's own kernels are not documented, so this is a proxy);
     4. K and N ≥ ``min_channels`` (256) — NVIDIA staff: sparse wins only when C_in and C_out are
        large (TensorRT#3849, #4065); for a conv, K = Cin·kh·kw, which is why 3×3 beats 1×1;
-    5. compute bound at the dense roofline (intensity M·K·N / (M·K + K·N + M·N) ≥ the GPU's
-       balance): small M (batch·tokens) or small K/N leaves the GEMM memory bound, where the
+    5. compute bound at the dense roofline (intensity 2·M·K·N / dense bytes ≥ the GPU's
+       balance; a conv's input counted once, see the module docstring): small M (batch·tokens) or small K/N leaves the GEMM memory bound, where the
        sparse kernels' tiling overhead loses (pytorch#111339: 0.11× at one token).
     """
     _check_shape(layer)
+    prec = precision_spec(precision)
     if not layer.sparse:
         return False, "not marked 2:4"
+    if not prec.sparse_kernels:
+        return False, (f"{prec.name.upper()} engine: TensorRT 10+ (strongly typed) has no 2:4 kernels at this "
+                       "precision; emit FP16 (--fp16) for a sparse engine")
     if not gpu.has_sparse_tensor_cores:
         return False, f"{gpu.name} (sm{gpu.sm[0]}{gpu.sm[1]}) has no sparse tensor cores (needs sm80+)"
     if layer.k % 4:
@@ -225,12 +290,12 @@ def predict_sparse_pick(layer: LayerShape, gpu: GpuSpec,
     if min(layer.k, layer.n) < min_channels:
         return False, (f"K={layer.k}, N={layer.n}: below ~{min_channels} channels dense kernels "
                        "usually win (NVIDIA, TensorRT#3849/#4065)")
-    intensity = layer.intensity()
-    balance = gpu.balance_flop_per_byte
+    intensity = layer.intensity(prec.bytes_per_element)
+    balance = gpu.balance_flop_per_byte * prec.peak_scale
     if intensity < balance:
         return False, (f"memory bound: {intensity:.0f} FLOP/B < {balance:.0f} FLOP/B balance of "
                        f"{gpu.name} (M={layer.m} rows); sparse tactics lose at this size")
-    gain = gemm_time_us(layer, gpu, False) / gemm_time_us(layer, gpu, True)
+    gain = gemm_time_us(layer, gpu, False, prec.name) / gemm_time_us(layer, gpu, True, prec.name)
     return True, f"compute bound ({intensity:.0f} ≥ {balance:.0f} FLOP/B); modeled {gain:.2f}× on this GEMM"
 
 
@@ -290,6 +355,7 @@ class ModeledSpeedup:
     pick_prediction: bool
     kind: str = "modeled"
     assumptions: list[str] = field(default_factory=list)
+    precision: str = "fp16"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -303,6 +369,7 @@ def model_speedup(
     other_fraction: float = DEFAULT_OTHER_FRACTION,
     other_us: float | None = None,
     apply_pick_prediction: bool = True,
+    precision: str = "fp16",
 ) -> ModeledSpeedup:
     """Model dense vs 2:4 time layer by layer and end to end (see the module docstring).
 
@@ -313,8 +380,11 @@ def model_speedup(
         other_us: non-GEMM time in µs, when known; overrides ``other_fraction``.
         apply_pick_prediction: marked layers that TensorRT is predicted to run dense keep
             their dense time.
+        precision: the engine precision the model will build at (``PRECISIONS``): FP32/TF32
+            has no 2:4 kernels, so nothing gets faster there.
     """
     spec = gpu_spec(gpu) if isinstance(gpu, str) else gpu
+    prec = precision_spec(precision)
     if not layers:
         raise UsageError("no GEMM layers to model")
     if other_us is None and not 0.0 <= other_fraction < 1.0:
@@ -324,10 +394,11 @@ def model_speedup(
 
     timings = []
     for layer in layers:
-        dense = gemm_time_us(layer, spec, sparse=False)
-        roof_sparse = gemm_time_us(layer, spec, sparse=True) if layer.sparse else dense
-        bound = "compute" if layer.intensity() >= spec.balance_flop_per_byte else "memory"
-        pick, reason = (predict_sparse_pick(layer, spec) if apply_pick_prediction and layer.sparse
+        dense = gemm_time_us(layer, spec, False, prec.name)
+        roof_sparse = gemm_time_us(layer, spec, True, prec.name) if layer.sparse else dense
+        bound = ("compute" if layer.intensity(prec.bytes_per_element) >= spec.balance_flop_per_byte * prec.peak_scale
+                 else "memory")
+        pick, reason = (predict_sparse_pick(layer, spec, precision=prec.name) if apply_pick_prediction and layer.sparse
                         else (None, None))
         effective = roof_sparse if layer.sparse and pick is not False else dense
         timings.append(LayerTiming(layer.name, layer.m, layer.k, layer.n, layer.sparse, dense,
@@ -346,8 +417,11 @@ def model_speedup(
     marked_dense = sum(t.dense_us for t in timings if t.sparse)
     f = marked_dense / total_dense
     assumptions = [
-        "roofline on datasheet FP16 Tensor Core peaks and DRAM bandwidth (optimistic for both)",
-        f"2:4 weight = {SPARSE_WEIGHT_BYTES_PER_ELEMENT} bytes/element (values + 2-bit metadata)",
+        f"{prec.name.upper()} engine: roofline on datasheet Tensor Core peaks (FP16 figure × {prec.peak_scale:g}) "
+        "and DRAM bandwidth (optimistic for both)",
+        (f"2:4 weight = {prec.sparse_weight_bytes} bytes/element (values + 2-bit metadata)" if prec.sparse_kernels
+         else f"{prec.name.upper()}: no 2:4 kernels in TensorRT 10+ strongly typed builds, so no layer gets faster; "
+              "emit FP16 (--fp16) for a sparse engine"),
         (f"non-GEMM time = {other_fraction:.0%} of dense end-to-end time" if other_us is None
          else f"non-GEMM time given: {other:.1f} µs"),
     ]
@@ -368,4 +442,5 @@ def model_speedup(
         other_fraction=fraction_used,
         pick_prediction=apply_pick_prediction,
         assumptions=assumptions,
+        precision=prec.name,
     )
