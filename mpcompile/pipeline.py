@@ -131,6 +131,8 @@ class CompileResult:
             record["sparse"] = decision.sparse
             record["decision"] = decision.reason
             mask = masks.get(decision.name)
+            if mask is None and decision.sparse:  # a weight shared by several layers is masked once
+                mask = next((masks[n] for n in analysis.layer.shared_with if n in masks), None)
             if mask is not None:
                 record["method"] = mask.method
                 record["calibrated"] = mask.calibrated

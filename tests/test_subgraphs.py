@@ -258,6 +258,10 @@ def test_report_says_which_body_layers_were_calibrated(compiled):
     assert layers["Loop_0/body/body_mm_h"]["calibrated"] is False  # reads the loop-carried state
     notes = " ".join(compiled["loop"][2]["notes"])
     assert "Loop_0/body/body_mm_h" in notes and "magnitude" in notes and "body_mm_x" not in notes
+    gemm = {lay["name"]: lay for lay in compiled["if_gemm"][2]["layers"]}
+    # one mask for the weight both branches read, reported for both readers
+    assert gemm["If_5/then_branch/then_mm"]["calibrated"] is gemm["If_5/else_branch/else_mm"]["calibrated"] is True
+    assert gemm["If_5/then_branch/then_gemm"]["calibrated"] is False  # reads t1, computed in the branch
     scan = {lay["name"]: lay for lay in compiled["scan"][2]["layers"]}
     assert scan["Scan_1/body/cell_x"]["calibrated"] is False and scan["Scan_1/body/cell_s"]["calibrated"] is False
     if_conv = {lay["name"]: lay for lay in compiled["if_conv"][2]["layers"]}
