@@ -29,7 +29,6 @@ __all__ = [
     "GemmLayer",
     "discover_gemms",
     "display_names",
-    "in_subgraph",
     "subgraph_display_names",
     "MIN_REDUCTION",
 ]
@@ -264,11 +263,6 @@ def _node_subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
         elif attr.type == ir.AttributeType.GRAPHS:
             bodies.extend((f"{attr.name}[{i}]", body) for i, body in enumerate(attr.as_graphs()))
     return bodies
-
-
-def in_subgraph(layer: GemmLayer, model: ir.Model) -> bool:
-    """Whether ``layer``'s node lives in an If/Loop/Scan body rather than the top-level graph."""
-    return layer.node.graph is not model.graph
 
 
 def _make_layer(node: ir.Node, name: str) -> GemmLayer | None:

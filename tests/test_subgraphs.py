@@ -203,7 +203,8 @@ def test_weight_chain_crossing_into_a_body_is_followed(tmp_path):
     body = proto.graph.node[1].attribute[0].g
     body.node[0].metadata_props.add(key="mpcompile.sparsity", value="2:4")
     check = {layer.node: layer for layer in check_proto(proto, base_dir=tmp_path).layers}
-    assert check["Loop_1/body/body_mm_x"].legal and "stored w_x_t[32,32] axis 1" in check["Loop_1/body/body_mm_x"].reduction
+    verdict = check["Loop_1/body/body_mm_x"]
+    assert verdict.legal and "stored w_x_t[32,32] axis 1" in verdict.reduction
     # the same zeros along axis 0 of the stored tensor are N for the consumer: caught
     w_x.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(pruned.T), "w_x_t"))
     assert not check_proto(proto, base_dir=tmp_path).ok
@@ -282,3 +283,57 @@ def test_permutations_never_cross_into_bodies(compiled):
     q = next(rec for rec in records if "Q" in rec["layers"])
     assert "read inside a subgraph" in q["reason"]
     assert by_first["If_5/then_branch/then_gemm"]["reason"] == SUBGRAPH_REASON
+
+
+def _fold_model(branch_reads: str) -> onnx.ModelProto:
+    """x → P → Relu → Q at the top level, plus an If whose branches read ``branch_reads``."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((models.D, models.D)) / 6).astype(np.float32), n)
+             for n in ("wp", "wq", "wb")]
+    branches = [onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", [branch_reads, "wb"], [f"{tag}_out"], name=f"{tag}_mm")],
+        f"{tag}_body", [], [onnx.helper.make_tensor_value_info(f"{tag}_out", onnx.TensorProto.FLOAT, None)])
+        for tag in ("then", "else")]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "wp"], ["p"], name="P"),
+        onnx.helper.make_node("Relu", ["p"], ["r"]),
+        onnx.helper.make_node("MatMul", ["r", "wq"], ["q"], name="Q"),
+        onnx.helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+        onnx.helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
+        onnx.helper.make_node("Greater", ["m", "zero"], ["cond"]),
+        onnx.helper.make_node("If", ["cond"], ["b"], then_branch=branches[0], else_branch=branches[1]),
+        onnx.helper.make_node("Add", ["q", "b"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "fold", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", models.D])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", models.D])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", models.OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def test_top_level_fold_beside_control_flow_is_exact():
+    from mpcompile.passes.permute_channels import apply_fold, plan_fold
+
+    proto = _fold_model("x")  # the branches read x, not the permuted tensor
+    model = ir.from_proto(proto)
+    layers = discover_gemms(model)
+    q = next(layer for layer in layers if layer.name == "Q")
+    plan = plan_fold(model, q, layers)
+    assert plan.foldable, plan.reason
+    apply_fold(model, plan, np.random.default_rng(0).permutation(models.D))
+    folded = ir.to_proto(model)
+    for feeds in _inputs("if_gemm").values():
+        np.testing.assert_allclose(_run(folded, feeds), _run(proto, feeds), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(_weights(folded)["wq"], _weights(proto)["wq"])  # it did permute
+
+
+def test_fold_refused_when_a_body_reads_the_permuted_tensor():
+    from mpcompile.passes.permute_channels import plan_fold
+
+    model = ir.from_proto(_fold_model("r"))  # the branches read the Relu output too
+    layers = discover_gemms(model)
+    plan = plan_fold(model, next(layer for layer in layers if layer.name == "Q"), layers)
+    assert not plan.foldable and "read inside a subgraph" in plan.reason
+    body = next(layer for layer in layers if layer.name == "If_6/then_branch/then_mm")
+    assert plan_fold(model, body, layers).reason == SUBGRAPH_REASON
