@@ -30,6 +30,7 @@ __all__ = [
     "MAX_ROWS_PER_SAMPLE",
     "CalibrationData",
     "ModelRunner",
+    "capturable",
     "capture_layer_stats",
     "load_calibration",
     "run_model",
@@ -367,8 +368,18 @@ def capture_layer_stats(
     are kept (conv rows via im2col), bounding time on big feature maps. Given a list,
     ``graph_outputs`` receives the model's outputs over the same samples (what
     :func:`run_model` returns), saving the pass that would compute them.
+
+    Layers inside If/Loop/Scan bodies are captured when their input is a top-level value the
+    body reads from the outer scope (ONNX Runtime can expose it as a graph output); a layer
+    whose input is computed inside the body (a loop-carried state, a scan slice) gets no
+    entry, since ONNX Runtime cannot expose values inside a subgraph (see :func:`capturable`).
     """
     rng = np.random.default_rng(seed)
+    skipped = [layer for layer in layers if not capturable(model, layer)]
+    if skipped:
+        logger.info("no calibration capture for %d layer(s) whose input lives inside a subgraph: %s",
+                    len(skipped), ", ".join(layer.name for layer in skipped))
+        layers = [layer for layer in layers if capturable(model, layer)]
     inputs = [layer.node.inputs[0] for layer in layers]
     runner = ModelRunner(model, inputs)
     names = list(dict.fromkeys(v.name for v in inputs))
@@ -422,6 +433,18 @@ def capture_layer_stats(
         if progress is not None:
             progress(layer.name)
     return result
+
+
+def capturable(model: ir.Model, layer: GemmLayer) -> bool:
+    """Whether ``layer``'s input can be exposed as a graph output of ``model``.
+
+    True for top-level layers and for subgraph layers whose input is a top-level value
+    captured by the body (the same tensor the layer reads on every run or iteration of the
+    body; for an If branch, the input it sees whenever that branch runs). False when the input
+    is computed inside a body, which ONNX Runtime cannot return.
+    """
+    value = layer.node.inputs[0]
+    return value is not None and value.graph is model.graph
 
 
 def _add_upper_gram(upper: np.ndarray, rows: np.ndarray, block: int = GRAM_BLOCK_ROWS) -> None:

@@ -21,8 +21,10 @@ mapped back through the Transpose permutations to name the stored axis in the re
 A legal group holds at most 2 nonzeros out of 4 (``-0.0`` counts as zero, NaN as nonzero). Only
 nodes the rewrite marked (``metadata_props['mpcompile.sparsity'] == '2:4'``) can fail the check;
 every other GEMM is reported too, as sparse-legal or dense, so a user sees what TensorRT will see.
-A marked node whose constant weight cannot be found is reported as a failure, not skipped. Only
-the top-level graph is walked (the rewrite does not touch subgraphs or functions either).
+A marked node whose constant weight cannot be found is reported as a failure, not skipped.
+Subgraphs (If branches, Loop/Scan bodies) are walked recursively with ONNX's scoping (a body
+reads an outer initializer or Constant by name); their layers are named by path,
+``<node>/<attribute>/<node>`` (``If_0/then_branch/MatMul_3``). Functions are not walked.
 """
 
 from __future__ import annotations
@@ -258,25 +260,52 @@ class _Weight:
 
 
 class _Graph:
-    """Name → initializer / producer maps for the top-level graph."""
+    """Name → initializer / producer maps for one graph scope.
 
-    def __init__(self, model: onnx.ModelProto, base_dir: Path) -> None:
-        self.graph = model.graph
+    A subgraph (If branch, Loop/Scan body) is a child scope: a name it neither produces nor
+    declares (as an input or initializer) is read from the enclosing graph, as ONNX resolves
+    outer-scope values, so a weight stored as an outer initializer is found from inside.
+    """
+
+    def __init__(self, model: onnx.ModelProto, base_dir: Path, *,
+                 graph: onnx.GraphProto | None = None, parent: _Graph | None = None) -> None:
+        self.graph = model.graph if graph is None else graph
         self.base_dir = base_dir
+        self.parent = parent
         self.initializers = {t.name: t for t in self.graph.initializer}
+        self.local_inputs = {v.name for v in self.graph.input} - set(self.initializers)
         self.producers: dict[str, onnx.NodeProto] = {}
         for node in self.graph.node:
             for out in node.output:
                 if out:
                     self.producers[out] = node
 
+    def child(self, body: onnx.GraphProto) -> _Graph:
+        return _Graph(onnx.ModelProto(), self.base_dir, graph=body, parent=self)
+
+    def _owner(self, name: str) -> _Graph | None:
+        """The innermost scope that defines ``name`` (None: nobody, e.g. a missing input)."""
+        scope: _Graph | None = self
+        while scope is not None:
+            if name in scope.producers or name in scope.initializers or name in scope.local_inputs:
+                return scope
+            scope = scope.parent
+        return None
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        owner = self._owner(name)
+        return owner.producers.get(name) if owner is not None else None
+
     def constant(self, name: str) -> onnx.TensorProto | None:
         """The stored tensor for ``name`` if it is an initializer or a Constant's output."""
         if not name:
             return None
-        producer = self.producers.get(name)
+        owner = self._owner(name)
+        if owner is None:
+            return None
+        producer = owner.producers.get(name)
         if producer is None:
-            return self.initializers.get(name)
+            return owner.initializers.get(name)
         if producer.op_type == "Constant" and producer.domain in _ONNX_DOMAINS:
             for attr in producer.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
@@ -292,7 +321,7 @@ class _Graph:
             tensor = self.constant(name)
             if tensor is not None:
                 return _Weight(name, tensor, list(reversed(chain)))
-            producer = self.producers.get(name)
+            producer = self.producer(name)
             if (
                 producer is None
                 or producer.op_type not in _PASS_THROUGH
@@ -388,6 +417,17 @@ def _node_names(graph: onnx.GraphProto) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
+
+
+def _bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """(name, graph) of each subgraph attribute; a GRAPHS list names its items ``name[i]``."""
+    out: list[tuple[str, onnx.GraphProto]] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append((attr.name, attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend((f"{attr.name}[{i}]", body) for i, body in enumerate(attr.graphs))
+    return out
 
 
 def _is_marked(node: onnx.NodeProto) -> bool:
@@ -489,8 +529,6 @@ _RULES = {"MatMul": _matmul_rule, "Gemm": _gemm_rule, "Conv": _conv_rule}
 
 def check_proto(model: onnx.ModelProto, base_dir: str | Path = ".", path: str = "<memory>") -> CheckReport:
     """Check an already parsed model; external tensors are read from ``base_dir`` one by one."""
-    g = _Graph(model, Path(base_dir))
-    names = _node_names(model.graph)
     report = CheckReport(path=path)
 
     def shape_of(weight: _Weight) -> tuple[int, ...]:
@@ -500,13 +538,18 @@ def check_proto(model: onnx.ModelProto, base_dir: str | Path = ".", path: str = 
                 shape = tuple(shape[i] for i in _perm(node, len(shape)))
         return shape
 
-    for node, name in zip(model.graph.node, names):
-        rule_fn = _RULES.get(node.op_type) if node.domain in _ONNX_DOMAINS else None
-        rule = rule_fn(g, node, shape_of) if rule_fn is not None else None
-        if rule is not None:
-            report.layers.append(_check_layer(g, node, name, rule, shape_of(rule.weight)))
-        elif _is_marked(node):
-            report.layers.append(_unresolved_layer(node, name, rule_fn is not None))
+    def walk(g: _Graph, prefix: str) -> None:
+        for node, name in zip(g.graph.node, _node_names(g.graph)):
+            rule_fn = _RULES.get(node.op_type) if node.domain in _ONNX_DOMAINS else None
+            rule = rule_fn(g, node, shape_of) if rule_fn is not None else None
+            if rule is not None:
+                report.layers.append(_check_layer(g, node, prefix + name, rule, shape_of(rule.weight)))
+            elif _is_marked(node):
+                report.layers.append(_unresolved_layer(node, prefix + name, rule_fn is not None))
+            for attr_name, body in _bodies(node):  # If branches, Loop/Scan bodies
+                walk(g.child(body), f"{prefix}{name}/{attr_name}/")
+
+    walk(_Graph(model, Path(base_dir)), "")
     logger.info(
         "checked %d GEMM/Conv layers in %s: %d marked 2:4, %d failed",
         len(report.layers), path, len(report.marked), len(report.failures),

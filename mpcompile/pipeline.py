@@ -140,6 +140,8 @@ class CompileResult:
             record["sparse"] = decision.sparse
             record["decision"] = decision.reason
             mask = masks.get(decision.name)
+            if mask is None and decision.sparse:  # a weight shared by several layers is masked once
+                mask = next((masks[n] for n in analysis.layer.shared_with if n in masks), None)
             if mask is not None:
                 record["method"] = mask.method
                 record["calibrated"] = mask.calibrated
@@ -305,7 +307,13 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
             captured = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8),
                                            seed=opts.seed, progress=advance,
                                            graph_outputs=outputs if from_capture else None)
-        stats_by_node = {layer.node: captured.pop(layer.name) for layer in selected}
+        stats_by_node = {layer.node: captured.pop(layer.name) for layer in selected if layer.name in captured}
+        uncaptured = [layer.name for layer in selected if layer.node not in stats_by_node]
+        if uncaptured:
+            notes.append(
+                f"{len(uncaptured)} layer(s) inside If/Loop/Scan bodies read a value computed in the "
+                "body, which ONNX Runtime cannot expose: they got data-free magnitude 2:4 masks "
+                f"(calibrated: false): {', '.join(uncaptured)}")
         if from_capture:
             dense_eval_out = outputs[0]
             dense_calib_out = dense_eval_out
@@ -517,7 +525,7 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
     sees), so they all run first, in parallel; the judging and folding then go in graph order.
     """
     from mpcompile.numerics.permutation import search_permutations
-    from mpcompile.passes.permute_channels import apply_fold, insert_gather, plan_fold
+    from mpcompile.passes.permute_channels import SUBGRAPH_REASON, apply_fold, insert_gather, plan_fold
 
     records: list[PermutationRecord | None] = []
     done: set[ir.Node] = set()
@@ -536,7 +544,7 @@ def _permute(model, selected, all_layers, stats_by_node, method, opts, progress,
                 records.append(PermutationRecord(names, False, "siblings reading the same tensor are not all selected"))
                 advance(layer.name)
                 continue
-            if not plan.foldable and not opts.allow_gather:
+            if not plan.foldable and (not opts.allow_gather or plan.reason == SUBGRAPH_REASON):
                 records.append(PermutationRecord(names, False, plan.reason))
                 advance(layer.name)
                 continue

@@ -122,13 +122,26 @@ def infer_static_shapes(proto: onnx.ModelProto, spec: ShapeSpec) -> dict[str, tu
         logger.warning("shape inference failed (%s); MACs will be unknown", str(exc).splitlines()[0])
         return {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+    for vi in _value_infos(inferred.graph):
         tensor_type = vi.type.tensor_type
         if not tensor_type.HasField("shape"):
             continue
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
         shapes[vi.name] = dims
     return shapes
+
+
+def _value_infos(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Typed values of ``graph`` and, recursively, of its If/Loop/Scan bodies (shape inference
+    fills their ``value_info`` too), so layers inside subgraphs get MACs. Value names are
+    unique across scopes in valid ONNX; an outer-scope entry is kept over a body's."""
+    infos = [*graph.value_info, *graph.output, *graph.input]
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                infos = [*_value_infos(body), *infos]
+    return infos
 
 
 def weightless_copy(proto: onnx.ModelProto, max_elements: int = _SMALL_INITIALIZER) -> onnx.ModelProto:

@@ -404,6 +404,11 @@ def _close_forward(
             raise _Blocked(f"permuted tensor '{value.name}' is a graph output")
         for use in value.uses():
             node = use.node
+            if node.graph is not start.graph:
+                raise _Blocked(
+                    f"permuted tensor '{value.name}' is read inside a subgraph "
+                    f"({node.op_type} '{_name(node)}' in an If/Loop/Scan body)"
+                )
             if node in accepted or node in consumers or node.op_type in _INVARIANT:
                 continue
             layer = by_node.get(node)

@@ -29,6 +29,7 @@ __all__ = [
     "GemmLayer",
     "discover_gemms",
     "display_names",
+    "subgraph_display_names",
     "MIN_REDUCTION",
 ]
 
@@ -235,6 +236,35 @@ def display_names(graph: ir.Graph) -> dict[ir.Node, str]:
     return names
 
 
+def subgraph_display_names(graph: ir.Graph, prefix: str = "") -> dict[ir.Node, str]:
+    """Display names of every node in ``graph`` and, recursively, in its If/Loop/Scan bodies.
+
+    A subgraph node is named by the path to it, ``<parent>/<attribute>/<node>``
+    (``If_0/then_branch/MatMul_3``): names are unique per graph, so paths are unique across
+    the model, and the report says which body a layer lives in. The checker derives the same
+    names independently.
+    """
+    names: dict[ir.Node, str] = {}
+    for node, name in display_names(graph).items():
+        names[node] = prefix + name
+        for attr_name, body in _node_subgraphs(node):
+            names.update(subgraph_display_names(body, f"{prefix}{name}/{attr_name}/"))
+    return names
+
+
+def _node_subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    """(attribute name, body) of each graph attribute of ``node`` (GRAPHS lists get ``name[i]``)."""
+    bodies: list[tuple[str, ir.Graph]] = []
+    for attr in node.attributes.values():
+        if not isinstance(attr, ir.Attr):
+            continue  # a reference attribute (inside a function) holds no graph
+        if attr.type == ir.AttributeType.GRAPH:
+            bodies.append((attr.name, attr.as_graph()))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            bodies.extend((f"{attr.name}[{i}]", body) for i, body in enumerate(attr.as_graphs()))
+    return bodies
+
+
 def _make_layer(node: ir.Node, name: str) -> GemmLayer | None:
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
@@ -326,13 +356,16 @@ def discover_gemms(
     """All MatMul/Gemm nodes with a constant weight and all Conv nodes, in graph order.
 
     Args:
-        model: the model (top-level graph; GEMMs inside subgraphs/functions are not
-            rewritten and therefore not listed).
+        model: the model. The top-level graph and, recursively, the bodies of its
+            If/Loop/Scan nodes are walked: exporters keep layers there, with weights that are
+            outer-scope initializers (captured values) or Constants local to the body. A
+            weight read by both branches of an If is one stored weight shared by two layers.
+            Functions are not walked.
         output_shapes: static shapes of node outputs by value name (from shape inference),
             used to count MACs; missing shapes leave ``macs`` as None.
     """
-    names = display_names(model.graph)
-    layers = [layer for node in model.graph if (layer := _make_layer(node, names[node])) is not None]
+    names = subgraph_display_names(model.graph)
+    layers = [layer for node, name in names.items() if (layer := _make_layer(node, name)) is not None]
     gemm_nodes = {layer.node: layer for layer in layers}
 
     by_root: dict[int, list[GemmLayer]] = {}

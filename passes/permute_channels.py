@@ -43,7 +43,8 @@ from mpcompile.passes._channel_graph import (
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms, trace_weight
 
 __all__ = [
-    "INPUT_ORDER_KEY", "OUTPUT_ORDER_KEY", "PERMUTATION_KEY", "FoldPlan", "PermutationRecord", "PermuteChannelsPass", "apply_fold",
+    "INPUT_ORDER_KEY", "OUTPUT_ORDER_KEY", "PERMUTATION_KEY", "SUBGRAPH_REASON", "FoldPlan", "PermutationRecord",
+    "PermuteChannelsPass", "apply_fold",
     "insert_gather", "plan_fold",
 ]
 
@@ -55,6 +56,8 @@ PERMUTATION_KEY = "mpcompile.permutation"
 INPUT_ORDER_KEY = "mpcompile.input_order"
 OUTPUT_ORDER_KEY = "mpcompile.output_order"
 _CHAIN_OPS = ("Transpose", "Cast", "Identity", "DequantizeLinear")
+SUBGRAPH_REASON = ("inside an If/Loop/Scan body: channel permutations are not folded into or "
+                   "across subgraphs")
 
 
 @dataclass
@@ -97,7 +100,11 @@ class PermutationRecord:
 def plan_fold(model: ir.Model, layer: GemmLayer, layers: list[GemmLayer]) -> FoldPlan:
     """Analyse whether ``layer``'s input-channel permutation can be folded into its producer."""
     if layer.node.graph is not model.graph:
-        raise UsageError(f"layer '{layer.name}' is not in the model's top-level graph")
+        # Folding edits constants by graph; a region inside (or reaching into) an If/Loop/Scan
+        # body would need those edits scoped per body, so such layers keep their order.
+        return FoldPlan(tensor=layer.node.inputs[0], consumers=[layer], producer=None, through=[],
+                        foldable=False, reason=SUBGRAPH_REASON, layer=layer,
+                        channels=layer.in_channels)
     region = analyse_region(layer, layers)
     plan = FoldPlan(
         tensor=layer.node.inputs[0],
@@ -166,6 +173,9 @@ def insert_gather(
         tensor, layer, candidates = plan_or_layer.node.inputs[0], plan_or_layer, [plan_or_layer]
     if tensor is None or layer is None:
         raise UsageError("insert_gather needs a layer with an activation input")
+    if layer.node.graph is not model.graph:
+        raise UsageError(f"cannot insert a Gather for '{layer.name}': {SUBGRAPH_REASON}")
+    candidates = [c for c in candidates if c.node.graph is model.graph]  # bodies keep the original
     perm = _check_perm(perm, layer.in_channels)
     axis = consumer_axis(layer)[0]
     consumers = [c for c in {layer.node: layer, **{c.node: c for c in candidates}}.values()
