@@ -245,14 +245,20 @@ def campaign(count: int, seed: int, *, compile_every: int, runner: str, timeout_
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: list[RunResult] = []
+    mutator_errors: list[str] = []
     try:
         for case in plan_cases(count, seed, mutations):
             if time.perf_counter() - start > budget_s:
                 print(f"fuzz: time budget of {budget_s:.0f} s spent after {case.index} files", file=sys.stderr)
                 break
             commands = COMMANDS if compile_every and case.index % compile_every == 0 else COMMANDS[:2]
-            case_results = run_case(case, root, commands, runner=runner, timeout_s=timeout_s,
-                                    memory_bytes=memory_bytes)
+            try:
+                case_results = run_case(case, root, commands, runner=runner, timeout_s=timeout_s,
+                                        memory_bytes=memory_bytes)
+            except Exception as exc:  # noqa: BLE001 - a mutator bug, not an mpcompile one: report, go on
+                mutator_errors.append(f"{case.name}: {type(exc).__name__}: {exc}")
+                print(f"fuzz: mutator failed on {case.name}: {exc!r}", file=sys.stderr)
+                continue
             results += case_results
             for r in case_results:
                 if r.violations and progress:
@@ -269,7 +275,8 @@ def campaign(count: int, seed: int, *, compile_every: int, runner: str, timeout_
             shutil.rmtree(root, ignore_errors=True)
     meta = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
             "runner": runner, "timeout_s": timeout_s, "memory_bytes": memory_bytes,
-            "compile_every": compile_every, "seconds": round(time.perf_counter() - start, 1)}
+            "compile_every": compile_every, "seconds": round(time.perf_counter() - start, 1),
+            "mutator_errors": mutator_errors}
     return results, meta
 
 
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzz: {summary['files']} files, {summary['runs']} runs, {summary['violations']} violations "
           f"({summary['internal_errors']} internal errors, {summary['timeouts']} timeouts) in {meta['seconds']} s; "
           f"results in {out / stem}.json")
-    return 1 if bad else 0
+    return 1 if bad or meta["mutator_errors"] else 0
 
 
 if __name__ == "__main__":

@@ -237,10 +237,8 @@ def wrong_value_info(proto, rng, folder):
 def graph_cycle(proto, rng, folder):
     """A node fed by a later node's output (graphs must be acyclic)."""
     nodes = proto.graph.node
-    if len(nodes) < 2:
-        nodes[0].input[0] = nodes[0].output[0]
-        return proto
-    i = rng.randrange(len(nodes) - 1)
+    fed = [k for k, node in enumerate(nodes) if node.input]
+    i = rng.choice(fed[:-1] or fed)
     j = rng.randrange(i, len(nodes))
     nodes[i].input[0] = nodes[j].output[0]
     return proto
