@@ -29,6 +29,7 @@ __all__ = [
     "require_finite",
     "require_finite_inputs",
     "require_usable_weights",
+    "check_text_fields",
     "check_graph_inputs",
     "dense_model_errors",
     "MAX_INPUT_ELEMENTS",
@@ -37,6 +38,7 @@ __all__ = [
 # A graph input declaring more elements than this (per sample batch) cannot be calibrated or
 # validated on any machine we run on: refuse it instead of trying to allocate it.
 MAX_INPUT_ELEMENTS = 2**33
+_FINITE_CHUNK = 1 << 20
 
 _BITS = {
     TensorProto.FLOAT: 32, TensorProto.UINT8: 8, TensorProto.INT8: 8, TensorProto.UINT16: 16,
@@ -197,9 +199,11 @@ def require_finite(array: np.ndarray, what: str, *, error: type = InvalidModelEr
     """Refuse NaN or ±Inf in ``array`` with one line naming ``what`` and how many entries."""
     if array.dtype.kind not in "fc" or array.size == 0:
         return
-    finite = np.isfinite(array)
-    if finite.all():
+    flat = array.reshape(-1)
+    # In slices: a boolean mask of a whole embedding table would cost as much memory as a weight.
+    if all(np.isfinite(flat[i: i + _FINITE_CHUNK]).all() for i in range(0, flat.size, _FINITE_CHUNK)):
         return
+    finite = np.isfinite(flat)
     bad = int(array.size - np.count_nonzero(finite))
     nan = int(np.count_nonzero(np.isnan(array)))
     raise error(f"{what} holds {bad} non-finite value(s) ({nan} NaN, {bad - nan} ±Inf) of {array.size}; "
@@ -255,3 +259,26 @@ def require_finite_inputs(data) -> None:
     every reported drift NaN without a word. ``data`` is a :class:`~mpcompile.calibration.CalibrationData`."""
     for name, array in data.inputs.items():
         require_finite(array, f"calibration input '{name}' ({data.source})", error=MpcompileError)
+
+
+def check_text_fields(message, where: str = "model") -> None:
+    """Refuse a string field (name, op_type, domain, doc...) that is not valid UTF-8.
+
+    Why: protobuf's Python runtime hands such a proto2 string back as ``bytes``, which then
+    breaks the first ``str`` operation far from the cause (a flipped byte in a node name ended
+    in a TypeError while printing the check table). Only message and string fields are walked,
+    never the numeric payloads, so this costs per field, not per weight byte.
+    """
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else (value,)
+            if any(isinstance(v, bytes) for v in values):
+                raise InvalidModelError(f"{where}: field '{field.name}' is not valid UTF-8 text "
+                                        "(a corrupted or non-ONNX file)")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            items = value if field.is_repeated else (value,)
+            for index, item in enumerate(items):
+                label = getattr(item, "name", "") if isinstance(getattr(item, "name", ""), str) else ""
+                check_text_fields(item, f"{where} > {field.name}[{label or index}]")

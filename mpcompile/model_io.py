@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from mpcompile.errors import ExternalDataError, InvalidModelError, UsageError
-from mpcompile.model_checks import check_graph_inputs, validate_tensors
+from mpcompile.model_checks import check_graph_inputs, check_text_fields, validate_tensors
 from mpcompile.proto_stream import write_inline_streamed
 from mpcompile.shapes import weightless_copy
 
@@ -120,6 +120,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModelError(f"{p}: cannot read file ({exc.strerror or exc})") from exc
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and not proto.opset_import):
         raise InvalidModelError(f"{p}: not a valid ONNX file (no graph found; truncated or not ONNX?)")
+    check_text_fields(proto, str(p))
     validate_tensors(proto, p.parent)  # declared sizes vs bytes present, before anything is allocated
     check_graph_inputs(proto)
     _validate_external_data(proto, p.parent)

@@ -185,3 +185,27 @@ def test_small_layer_permutation_search_stops_before_its_budget():
     result = search_permutation(s, time_budget_s=5.0, seed=0)
     assert time.perf_counter() - start < 2.0  # the tabu walk stalls long before 5 s on 8 groups
     assert result.efficacy > 0.5 and result.kept_after > result.kept_before
+
+
+def test_huge_declared_input_is_refused(tmp_path, capsys):
+    def edit(proto):
+        dim = proto.graph.input[0].type.tensor_type.shape.dim[-1]
+        dim.ClearField("dim_param")
+        dim.dim_value = 2**40
+
+    path = _mlp_with(tmp_path, edit)
+    code, err = _run(["-q", "analyze", str(path)], capsys)
+    assert code == 4, err
+    assert len(err) == 1 and "input 'input' declares" in err[0], err
+
+
+def test_node_name_not_utf8_is_refused(tmp_path, capsys):
+    """A flipped byte inside a name: protobuf hands the field back as bytes (campaign file 380)."""
+    proto = onnx.load(str(ROOT / "mpcompile" / "data" / "digits_mlp.onnx"))
+    proto.graph.node[1].name = "ZZZZ_marker"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString().replace(b"ZZZZ_marker", b"\xff\xfeZZ_marker"))
+    for command in ("analyze", "check"):
+        code, err = _run(["-q", command, str(path)], capsys)
+        assert code == EXIT_BAD_INPUT, err
+        assert len(err) == 1 and "node[1]: field 'name' is not valid UTF-8" in err[0], err
