@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/compile_speed.py            # ViT-B/16 + ResNet-50 (~8 min on 2 cores)
     python benchmarks/compile_speed.py --quick    # ViT-S/16 depth 4 + a 4-block ResNet (< 2 min)
+    python benchmarks/compile_speed.py --models chain   # 300 chained 32×32 MatMuls: per-layer overhead
 
 Writes ``benchmarks/results/compile_speed.json`` and ``compile_speed.md`` (``_quick`` with --quick).
 """
@@ -95,15 +96,48 @@ def cached_resnet(config: ResNetConfig, seed: int = 0) -> tuple[GeneratedModel, 
     return model, False
 
 
-def commands(model: Path, out_dir: Path, polygraphy: str | None) -> dict[str, list[str]]:
+CHAIN_LAYERS, CHAIN_LAYERS_QUICK, CHAIN_WIDTH = 300, 100, 32
+
+
+def cached_chain(layers: int, width: int, seed: int = 0) -> tuple[GeneratedModel, bool]:
+    """``layers`` chained ``width``×``width`` MatMuls (input ``x``: [1, width]).
+
+    Why: the arithmetic of such a model is negligible, so its compile time is the pipeline's
+    per-layer overhead (issue 15: 300 such layers did not compile within 60 s).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = WORK_DIR / f"chain_{layers}x{width}_seed{seed}.onnx"
+    if path.exists():
+        return GeneratedModel(path, layers * width * width, layers, 0, [f"w{i}" for i in range(layers)],
+                              path.stat().st_size), True
+    rng = np.random.default_rng(seed)
+    nodes, weights, previous = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out], name=f"mm{i}"))
+        previous = out
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], weights)
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return GeneratedModel(path, layers * width * width, layers, 0, [f"w{i}" for i in range(layers)],
+                          path.stat().st_size), False
+
+
+def commands(model: Path, out_dir: Path, polygraphy: str | None, shape: str = SHAPE) -> dict[str, list[str]]:
     """The measured command lines, keyed by a short name."""
     py = [sys.executable, "-m", "mpcompile", "-q"]
     cmds = {
-        "analyze": [*py, "analyze", str(model), "--shape", SHAPE, "--json"],
+        "analyze": [*py, "analyze", str(model), "--shape", shape, "--json"],
         "compile_magnitude": [*py, str(model), "-o", str(out_dir / "magnitude.onnx"), "--force", "--method", "magnitude",
-                              "--shape", SHAPE],
+                              "--shape", shape],
         "compile_cast": [*py, str(model), "-o", str(out_dir / "cast.onnx"), "--force", "--method", "cast",
-                         "--shape", SHAPE],
+                         "--shape", shape],
     }
     if polygraphy:
         cmds["polygraphy_prune"] = [polygraphy, "surgeon", "prune", str(model), "-o", str(out_dir / "polygraphy.onnx")]
@@ -237,17 +271,17 @@ def _row(m: Measurement, extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def bench_model(name: str, model: GeneratedModel, cached: bool, args: argparse.Namespace,
-                polygraphy: str | None) -> dict[str, Any]:
+                polygraphy: str | None, shape: str = SHAPE) -> dict[str, Any]:
     rss_target = 2 * model.file_bytes + TARGET_RSS_OVERHEAD_BYTES
     print(f"\n== {name}: {model.path.name} ({model.parameters / 1e6:.1f} M parameters, "
           f"{model.file_bytes / 1e6:.0f} MB, {model.gemm_layers} GEMM/Conv layers; "
           f"{'cached' if cached else 'generated'})", flush=True)
     record: dict[str, Any] = {"model": name, "path": str(model.path), "parameters": model.parameters,
                               "file_bytes": model.file_bytes, "gemm_layers": model.gemm_layers,
-                              "shape": SHAPE, "rss_target_bytes": int(rss_target), "runs": {}, "targets": {}}
+                              "shape": shape, "rss_target_bytes": int(rss_target), "runs": {}, "targets": {}}
     with tempfile.TemporaryDirectory(prefix="mpc_compile_speed_", dir=args.tmp) as tmp:
         out = Path(tmp)
-        cmds = commands(model.path, out, polygraphy)
+        cmds = commands(model.path, out, polygraphy, shape)
         if args.skip_cast:
             cmds.pop("compile_cast")
         for key, cmd in cmds.items():
@@ -277,7 +311,7 @@ def bench_model(name: str, model: GeneratedModel, cached: bool, args: argparse.N
             rss_ok = run["peak_rss_bytes"] <= rss_target
             target = {"wall_s": run["wall_s"], "wall_target_s": TARGET_COMPILE_SECONDS, "wall_pass": wall_ok,
                       "peak_rss_mb": run["peak_rss_mb"], "rss_target_mb": round(rss_target / 1e6, 1),
-                      "rss_pass": rss_ok}
+                      "rss_pass": rss_ok, "ms_per_layer": round(1000 * run["wall_s"] / model.gemm_layers, 1)}
             if anchor and "error" not in anchor:
                 target["polygraphy_over_ours_wall"] = round(anchor["wall_s"] / run["wall_s"], 2)
                 target["polygraphy_over_ours_rss"] = round(anchor["peak_rss_bytes"] / run["peak_rss_bytes"], 2)
@@ -332,7 +366,9 @@ def markdown(report: dict[str, Any]) -> str:
         for key, run in m["runs"].items():
             if run.get("stage_seconds"):
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
-                lines.append(f"- {m['model']} `{key}` stages (s, from its report): {stages}")
+                per_layer = m["targets"].get(key, {}).get("ms_per_layer")
+                lines.append(f"- {m['model']} `{key}` stages (s, from its report): {stages}"
+                             + (f"; {per_layer} ms per layer ({m['gemm_layers']} layers, wall)" if per_layer else ""))
     lines.append("")
     for m in report["models"]:
         mem = m.get("stage_memory")
@@ -394,7 +430,8 @@ def diagnose_only(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ViT-S/16 depth 4 + a 4-block ResNet (< 2 min)")
-    parser.add_argument("--models", nargs="*", choices=("vit", "resnet"), default=["vit", "resnet"])
+    parser.add_argument("--models", nargs="*", choices=("vit", "resnet", "chain"), default=["vit", "resnet", "chain"],
+                        help="chain: 300 chained 32x32 MatMuls (per-layer overhead; 100 with --quick)")
     parser.add_argument("--skip-cast", action="store_true", help="only the data-free magnitude compile")
     parser.add_argument("--no-profile", action="store_true", help="never re-run a slow compile under cProfile")
     parser.add_argument("--tmp", type=Path, default=None, help="folder for the written models (default: system tmp)")
@@ -423,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
             config = VIT_S16_DEPTH4 if args.quick else VIT_B16
             model, cached = cached_vit(config, 0, 16)
             label = "ViT-S/16 depth 4" if args.quick else "ViT-B/16"
+        elif name == "chain":
+            layers = CHAIN_LAYERS_QUICK if args.quick else CHAIN_LAYERS
+            model, cached = cached_chain(layers, CHAIN_WIDTH)
+            label = f"chain of {layers} {CHAIN_WIDTH}x{CHAIN_WIDTH} MatMuls"
+            records.append(bench_model(label, model, cached, args, None, shape=f"x:1x{CHAIN_WIDTH}"))
+            continue
         else:
             config = RESNET_QUICK if args.quick else RESNET50
             model, cached = cached_resnet(config)

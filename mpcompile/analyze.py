@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mpcompile.model_checks import require_usable_weights
 from mpcompile.model_io import LoadedModel, load_model
 from mpcompile.passes.spectral_analysis import ANALYSIS_META_KEY, AnalysisResult, AnnotateSpectralPass
 from mpcompile.shapes import ShapeSpec, infer_static_shapes
@@ -47,6 +48,7 @@ def analyze_loaded(
 ) -> Analysis:
     spec = shape_spec or ShapeSpec()
     opts = options or AnalyzeOptions()
+    require_usable_weights(loaded.model)
     shapes = infer_static_shapes(loaded.proto, spec)
     spectral = AnnotateSpectralPass(
         alpha=opts.alpha,

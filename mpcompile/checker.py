@@ -204,6 +204,10 @@ def _load(path: Path) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({first})") from exc
     if not model.HasField("graph") or model.ir_version == 0:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph or IR version)")
+    from mpcompile.model_checks import check_text_fields, validate_tensors
+
+    check_text_fields(model, str(path))
+    validate_tensors(model, path.parent, inline_data=path.stat().st_size <= STREAM_LOAD_BYTES)
     _validate_external_data(model, path.parent)
     return model
 

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from mpcompile.errors import ExternalDataError, InvalidModelError
+from mpcompile.model_checks import check_graph_inputs, check_text_fields, validate_tensors
 from mpcompile.proto_stream import write_inline_streamed  # noqa: F401  (re-exported for callers)
 from mpcompile.shapes import weightless_copy
 
@@ -117,6 +118,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise InvalidModelError(f"{p}: cannot read file ({exc.strerror or exc})") from exc
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and not proto.opset_import):
         raise InvalidModelError(f"{p}: not a valid ONNX file (no graph found; truncated or not ONNX?)")
+    check_text_fields(proto, str(p))
+    validate_tensors(proto, p.parent)  # declared sizes vs bytes present, before anything is allocated
+    check_graph_inputs(proto)
     _validate_external_data(proto, p.parent)
     try:
         # Structural check only: the weights may be external and are validated above.

@@ -29,6 +29,7 @@ from mpcompile.calibration import (
     synthetic_inputs,
 )
 from mpcompile.errors import UnsupportedModelError, UsageError
+from mpcompile.model_checks import dense_model_errors, require_finite, require_finite_inputs
 from mpcompile.model_io import EXTERNAL_DATA_THRESHOLD, default_output_path, load_model
 from mpcompile.numerics.masks import MASK_METHODS, LayerStats, PackedMaskResult
 from mpcompile.numerics.spectrum_change import spectrum_change
@@ -248,24 +249,30 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     check_layer_names("--exclude", opts.exclude, [a.name for a in analysis.result.layers])
 
     data, from_user = _load_data(opts, loaded.model)
+    require_finite_inputs(data)
     eval_data, eval_source = data, data.source
     if opts.eval_data:
         eval_data = load_calibration(opts.eval_data, loaded.model)
         eval_source = f"file:{opts.eval_data}"
+        require_finite_inputs(eval_data)
     method = _resolve_method(opts, from_user or opts.method in DATA_METHODS)
     unstructured = method in UNSTRUCTURED_METHODS
     # Dense reference outputs before any rewrite: cheaper than keeping a copy of the model.
     # When calibration runs over the evaluation data, its pass gives them.
     from_capture = eval_data is data and method in DATA_METHODS and not unstructured
     t = time.perf_counter()
-    dense_eval_out = None if from_capture else run_model(loaded.model, eval_data, opts.batch_size)[0]
-    dense_calib_out = (
-        dense_eval_out if eval_data is data
-        else run_model(loaded.model, data, opts.batch_size)[0] if opts.max_drift is not None else None
-    )
-    measured_order = opts.order in MEASURED_ORDERS
-    drift_sample = _subset(data, DRIFT_ORDER_SAMPLES) if measured_order else None
-    dense_sample_out = run_model(loaded.model, drift_sample, opts.batch_size)[0] if drift_sample is not None else None
+    with dense_model_errors():
+        dense_eval_out = None if from_capture else run_model(loaded.model, eval_data, opts.batch_size)[0]
+        dense_calib_out = (
+            dense_eval_out if eval_data is data
+            else run_model(loaded.model, data, opts.batch_size)[0] if opts.max_drift is not None else None
+        )
+        measured_order = opts.order in MEASURED_ORDERS
+        drift_sample = _subset(data, DRIFT_ORDER_SAMPLES) if measured_order else None
+        dense_sample_out = (run_model(loaded.model, drift_sample, opts.batch_size)[0]
+                            if drift_sample is not None else None)
+    if dense_eval_out is not None:
+        require_finite(dense_eval_out, f"the input model's output on {eval_source}")
     timings["validate"] = time.perf_counter() - t
     if not from_user:
         notes.append(f"no --calib given: calibration and validation use {data.source}")
@@ -304,9 +311,10 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     if not unstructured and method in DATA_METHODS:
         with progress("calibration", len(selected)) as advance:
             outputs: list[np.ndarray] = []
-            captured = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8),
-                                           seed=opts.seed, progress=advance,
-                                           graph_outputs=outputs if from_capture else None)
+            with dense_model_errors():
+                captured = capture_layer_stats(model, selected, data, batch_size=min(opts.batch_size, 8),
+                                               seed=opts.seed, progress=advance,
+                                               graph_outputs=outputs if from_capture else None)
         stats_by_node = {layer.node: captured.pop(layer.name) for layer in selected if layer.name in captured}
         uncaptured = [layer.name for layer in selected if layer.node not in stats_by_node]
         if uncaptured:
@@ -317,6 +325,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
         if from_capture:
             dense_eval_out = outputs[0]
             dense_calib_out = dense_eval_out
+            require_finite(dense_eval_out, f"the input model's output on {eval_source}")
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -190,9 +190,21 @@ def matrix_eigenvalues(w: np.ndarray) -> np.ndarray:
     # the small p×p eigenproblem is then solved in float64.
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float32)
+    # Entries near float32's range (a corrupted or diverged weight, |w| ~ 1e19) overflow the
+    # Gram to Inf and LAPACK fails: such a matrix is scaled to max |w| = 1 first.
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    rescale = np.isfinite(scale) and scale > _GRAM_SAFE_MAX
+    if rescale:
+        a = a.astype(np.float64) / scale
     gram = (a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a).astype(np.float64)
     eig = np.linalg.eigvalsh(gram)
+    if rescale:
+        eig = eig * scale**2
     return np.clip(eig, 0.0, None)
+
+
+# Above this max |w| a float32 Gram of a wide matrix can overflow (1e15² × 1e8 terms ≈ 1e38).
+_GRAM_SAFE_MAX = 1e15
 
 
 def fit_mp(

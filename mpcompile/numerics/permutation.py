@@ -95,6 +95,12 @@ _MAX_TRIPLES = 20_000
 _MAX_PARTITIONS = 10_000
 # A pair of groups just repartitioned stays frozen for this many steps plus a random share of it.
 _TABU_TENURE = 5
+# The tabu walk stops after this many moves without a new best, per tracked pair of groups (and
+# at least _TABU_STALL_MIN): on a small layer (C = 32: 28 pairs) the walk has seen its whole
+# neighbourhood many times over within milliseconds, and running on to the clock made a model
+# of 300 such layers spend 300 budgets (75 s) finding nothing. Large layers hit the clock first.
+_TABU_STALL_PER_PAIR = 4
+_TABU_STALL_MIN = 100
 # Failed assignment moves in a row after which assignments count as converged.
 _ASSIGN_PATIENCE = 3
 # Share of the budget kept for the final three-group polish.
@@ -539,13 +545,16 @@ class _Search:
     ) -> None:
         """Tabu search over pair repartitions: always take the best allowed move, even a worsening
         one; a pair just repartitioned may not move again for a few steps (unless that would
-        beat the best seen), which forbids undoing the move at once. Runs until out of budget."""
+        beat the best seen), which forbids undoing the move at once. Runs until out of budget,
+        or until it has gone ``_TABU_STALL_*`` moves without beating the best seen."""
         b = 2
         gains = self.best_gain[b]
         until = np.zeros(len(self.blocks[b]), dtype=np.int64)
         best = value
         it = 0
-        while True:
+        stall_limit = max(_TABU_STALL_MIN, _TABU_STALL_PER_PAIR * len(self.blocks[b]))
+        last_best = 0
+        while it - last_best < stall_limit:
             todo = self.stale(b)
             per = self.chunk(b)
             for start in range(0, todo.size, per):
@@ -566,6 +575,7 @@ class _Search:
             self.touch(self.blocks[b][i])
             if value > best + self.tol:
                 best = value
+                last_best = it
                 on_best(groups, value)
 
 
