@@ -31,6 +31,7 @@ BENCHMARKS = (
     ("quality", "quality.py", None),
     ("compile_speed", "compile_speed.py", None),
     ("seed_methods", "seed_methods.py", None),
+    ("conformance", "conformance.py", None),
     ("gpu_audit", "gpu_audit.py", 6),
 )
 

@@ -184,3 +184,20 @@ def test_calib_dims_set_the_analysed_shapes(tmp_path):
     assert "seq=16" in data["shapes"]
     layer = next(layer for layer in data["layers"] if layer["macs"] is not None)
     assert layer["macs"] == 16 * 64 * 64  # batch 1 (default) × seq 16 × K × N
+
+
+def test_analyze_does_not_claim_an_eligible_fraction_over_unknown_macs(tmp_path, capsys):
+    """A GEMM behind a runtime-shaped Reshape: its MACs stay unknown, so no '% eligible'."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Reshape", ["h", "shape"], ["r"]),  # shape is an input: unknown statically
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "unknown",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", 64])], [_w("w1", 64, 64), _w("w2", 64, 64)],
+    )
+    path = _save(graph, tmp_path / "unknown.onnx")
+    assert main(["analyze", path]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "eligible MAC fraction unknown for 1 layers" in out
+    assert "% eligible" not in out
