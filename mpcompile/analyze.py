@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mpcompile.model_io import LoadedModel, load_model
+from mpcompile.passes.fold_constant_weights import fold_constant_weight_reshapes
 from mpcompile.passes.spectral_analysis import ANALYSIS_META_KEY, AnalysisResult, AnnotateSpectralPass
 from mpcompile.shapes import ShapeSpec, infer_static_shapes
 
@@ -48,6 +49,8 @@ def analyze_loaded(
     spec = shape_spec or ShapeSpec()
     opts = options or AnalyzeOptions()
     shapes = infer_static_shapes(loaded.proto, spec)
+    # Paddle/TF exports reshape stored weights at run time: exact to fold, then ordinary layers.
+    fold_constant_weight_reshapes(loaded.model)
     spectral = AnnotateSpectralPass(
         alpha=opts.alpha,
         beta=opts.beta,

@@ -201,3 +201,25 @@ def test_analyze_does_not_claim_an_eligible_fraction_over_unknown_macs(tmp_path,
     out = " ".join(capsys.readouterr().out.split())
     assert "eligible MAC fraction unknown for 1 layers" in out
     assert "% eligible" not in out
+
+
+def test_tf_style_reshaped_constant_weight_is_found_and_compiled(tmp_path):
+    """const_fold_opt__ weights stored flat and reshaped at run time (TF/Paddle converters)."""
+    w = RNG.standard_normal((64, 64)).astype(np.float32) * 0.1
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["const_fold_opt__12", "shape"], ["w"]),
+         helper.make_node("Identity", ["w"], ["w_id"]),
+         helper.make_node("MatMul", ["x", "w_id"], ["y"])], "tf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 64])],
+        [numpy_helper.from_array(w.reshape(-1), "const_fold_opt__12"),
+         numpy_helper.from_array(np.array([64, 64], np.int64), "shape")],
+    )
+    path = _save(graph, tmp_path / "tf.onnx")
+    result = compile_model(path, CompileOptions(output=str(tmp_path / "o.onnx"), permute=False))
+    assert len(result.analysis.result.layers) == 1 and len(result.selection.selected_names) == 1
+    assert result.check_ok and result.validation.relative_l2 < 1.0
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["Identity", "MatMul"]
+    stored = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w"))
+    assert np.all((stored.T.reshape(64, 16, 4) != 0).sum(axis=-1) <= 2)  # 2:4 along K
