@@ -81,10 +81,11 @@ class CalibrationData:
     source: str
     labels: np.ndarray | None = None
     static_batch: int | None = None  # the model's first dimension, when it is not dynamic
+    shared: frozenset[str] = frozenset()  # inputs without a sample axis (scalars, KV caches): fed whole
 
     @property
     def samples(self) -> int:
-        batched = [v for v in self.inputs.values() if v.ndim > 0]
+        batched = [v for k, v in self.inputs.items() if v.ndim > 0 and k not in self.shared]
         return int(batched[0].shape[0]) if batched else 1
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -99,7 +100,7 @@ class CalibrationData:
             yield self.slice(start, start + size)
 
     def slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {k: v[start:stop] if v.ndim > 0 else v for k, v in self.inputs.items()}  # scalars: shared
+        return {k: v if v.ndim == 0 or k in self.shared else v[start:stop] for k, v in self.inputs.items()}
 
     @property
     def used_labels(self) -> np.ndarray | None:
@@ -233,19 +234,25 @@ def _integer_input(model: ir.Model, value: ir.Value, shape: list[int], dtype, rn
 
 def synthetic_inputs(model: ir.Model, spec: ShapeSpec, samples: int = 32, seed: int = 0) -> CalibrationData:
     """Data-free mode: N(0,1) floats; integer inputs as legal ids (see :func:`_integer_input`).
-    Stated in every report as synthetic. Scalar (rank-0) inputs are one value shared by all
-    samples, so the data then holds a single sample."""
+    Stated in every report as synthetic."""
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     values = _graph_inputs(model)
-    if any(value.shape is not None and len(value.shape) == 0 for value in values):
-        samples = 1  # a scalar has no sample axis to split batches along
+    batch = static_batch(model)
+    # Inputs with no sample axis: scalars, and (without a static batch) inputs whose first dim
+    # is fixed while others' is dynamic, like a KV cache [layers, batch, heads, past, dim].
+    # They are fed whole with a single sample, the batch dims at their --dim/default value.
+    shared = frozenset(
+        v.name for v in values if v.name not in spec.inputs and v.shape is not None
+        and (len(v.shape) == 0 or (batch is None and isinstance(v.shape[0], int) and v.shape[0] > 0)))
+    if shared:
+        samples = 1
     for value in values:
         shape = _dims_of(value, spec)
-        batch = static_batch(model)
         if batch:
             samples = max(batch, samples - samples % batch)
-        shape[0:1] = [samples] if shape else []
+        if value.name not in shared:
+            shape[0:1] = [samples] if shape else []
         dtype = _NP_DTYPES.get(value.dtype, np.float32)
         if np.issubdtype(dtype, np.floating):
             arr = rng.standard_normal(shape).astype(dtype)
@@ -255,7 +262,7 @@ def synthetic_inputs(model: ir.Model, spec: ShapeSpec, samples: int = 32, seed: 
             arr = _integer_input(model, value, shape, dtype, rng)
         inputs[value.name] = arr
     return CalibrationData(inputs=inputs, source=f"synthetic: {samples} samples, N(0,1) floats, seed {seed}",
-                           static_batch=static_batch(model))
+                           static_batch=batch, shared=shared)
 
 
 class ModelRunner:

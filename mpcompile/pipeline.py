@@ -550,7 +550,7 @@ def _subset(data: CalibrationData, samples: int) -> CalibrationData:
     """The first ``samples`` samples (whole static batches): enough to rank layers by drift."""
     count = min(data.samples, max(samples, data.static_batch or 0))
     labels = data.labels[:count] if data.labels is not None else None
-    return CalibrationData({k: v[:count] for k, v in data.inputs.items()}, data.source, labels, data.static_batch)
+    return CalibrationData(data.slice(0, count), data.source, labels, data.static_batch, data.shared)
 
 
 def _weight_groups(selected: list[GemmLayer], masks: list[LayerMask]) -> dict[str, list[GemmLayer]]:

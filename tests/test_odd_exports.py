@@ -223,3 +223,18 @@ def test_tf_style_reshaped_constant_weight_is_found_and_compiled(tmp_path):
     assert [n.op_type for n in out.graph.node] == ["Identity", "MatMul"]
     stored = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w"))
     assert np.all((stored.T.reshape(64, 16, 4) != 0).sum(axis=-1) <= 2)  # 2:4 along K
+
+
+def test_kv_cache_input_without_leading_batch_is_fed_whole():
+    """past [layers=2, batch, heads, past, dim]: its first dim is not the sample axis."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "kv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
+         helper.make_tensor_value_info("past", TensorProto.FLOAT, [2, "batch", 4, "past", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], [_w("w", 64, 64)],
+    )
+    data = synthetic_inputs(load_model_from_graph(graph), ShapeSpec(dims={"past": 8}), samples=16)
+    assert data.shared == {"past"} and data.samples == 1
+    assert data.inputs["past"].shape == (2, 1, 4, 8, 16) and data.inputs["x"].shape == (1, 64)
+    batch = next(data.batches(8))
+    assert batch["past"].shape == (2, 1, 4, 8, 16)
