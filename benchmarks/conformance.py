@@ -183,7 +183,7 @@ def run_case(case: ModelCase, dynamo: bool, work: Path) -> CaseResult:
 def _markdown(results: list[CaseResult], quick: bool) -> str:
     lines = [f"# Conformance{' (quick subset)' if quick else ''}", "",
              "Random-weight models exported here; found = discovered / independently counted constant-weight "
-             "GEMM/Conv; fold error = max |Δ| / max |output| after random permutations folded into every "
+             "GEMM/Conv; fold error = max |Δ| / max(1, max |output|) after random permutations folded into every "
              "foldable layer (before pruning).", "",
              "| model | exporter | status | found | compile | check | folded | fold error | s |",
              "|---|---|---|---|---|---|---|---|---|"]
