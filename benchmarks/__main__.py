@@ -32,6 +32,7 @@ BENCHMARKS = (
     ("compile_speed", "compile_speed.py", None),
     ("seed_methods", "seed_methods.py", None),
     ("fuzz", "fuzz.py", None),
+    ("conformance", "conformance.py", None),
     ("gpu_audit", "gpu_audit.py", 6),
     ("speedup_model_fit", "speedup_model_fit.py", None),
 )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mpcompile.model_checks import require_usable_weights
 from mpcompile.model_io import LoadedModel, load_model
+from mpcompile.passes.fold_constant_weights import fold_constant_weight_reshapes
 from mpcompile.passes.spectral_analysis import ANALYSIS_META_KEY, AnalysisResult, AnnotateSpectralPass
 from mpcompile.shapes import ShapeSpec, infer_static_shapes
 
@@ -50,6 +51,8 @@ def analyze_loaded(
     opts = options or AnalyzeOptions()
     require_usable_weights(loaded.model)
     shapes = infer_static_shapes(loaded.proto, spec)
+    # Paddle/TF exports reshape stored weights at run time: exact to fold, then ordinary layers.
+    fold_constant_weight_reshapes(loaded.model)
     spectral = AnnotateSpectralPass(
         alpha=opts.alpha,
         beta=opts.beta,

@@ -82,10 +82,12 @@ class CalibrationData:
     source: str
     labels: np.ndarray | None = None
     static_batch: int | None = None  # the model's first dimension, when it is not dynamic
+    shared: frozenset[str] = frozenset()  # inputs without a sample axis (scalars, KV caches): fed whole
 
     @property
     def samples(self) -> int:
-        return int(next(iter(self.inputs.values())).shape[0])
+        batched = [v for k, v in self.inputs.items() if v.ndim > 0 and k not in self.shared]
+        return int(batched[0].shape[0]) if batched else 1
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches in order; a model exported with a static batch gets exactly that size."""
@@ -99,7 +101,7 @@ class CalibrationData:
             yield self.slice(start, start + size)
 
     def slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {k: v[start:stop] for k, v in self.inputs.items()}
+        return {k: v if v.ndim == 0 or k in self.shared else v[start:stop] for k, v in self.inputs.items()}
 
     @property
     def used_labels(self) -> np.ndarray | None:
@@ -169,57 +171,103 @@ def static_batch(model: ir.Model) -> int | None:
         if value.shape is None or len(value.shape) == 0:
             return None
         first = value.shape[0]
-        if not isinstance(first, int):
+        if not isinstance(first, int) or first <= 0:  # Paddle/TF write -1 (or 0) for "dynamic"
             return None
         dims.add(first)
     return dims.pop() if len(dims) == 1 else None
 
 
-def _gather_table_rows(model: ir.Model, value: ir.Value) -> int | None:
+# Ops an integer id passes through unchanged in value on its way to a Gather (TF/Paddle
+# exports cast, reshape and unsqueeze ids before the embedding lookup).
+_ID_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand",
+                              "Transpose"})
+
+
+def _gather_table_rows(model: ir.Model, value: ir.Value, depth: int = 8) -> int | None:
+    """Rows of the smallest constant table that ``value`` (possibly after casts/reshapes)
+    indexes with Gather: ids drawn below it are legal for every lookup they feed."""
+    rows: list[int] = []
     for use in value.uses():
-        if use.node.op_type == "Gather" and use.idx == 1:
-            table = use.node.inputs[0]
+        node = use.node
+        if node.op_type == "Gather" and use.idx == 1:
+            table = node.inputs[0]
             if table is not None and table.const_value is not None:
-                return int(table.const_value.shape[0])
-    return None
+                axis = node.attributes.get_int("axis", 0)
+                rows.append(int(table.const_value.shape[axis]))
+        elif node.op_type in _ID_PASS_THROUGH and use.idx == 0 and depth > 0:
+            for out in node.outputs:
+                found = _gather_table_rows(model, out, depth - 1)
+                if found is not None:
+                    rows.append(found)
+    return min(rows) if rows else None
+
+
+def _dims_of(value: ir.Value, spec: ShapeSpec) -> list[int]:
+    """Static dims of ``value``: symbolic, unknown and non-positive (Paddle's -1) dims take
+    the ``--dim`` value or the default."""
+    if value.name in spec.inputs:
+        return list(spec.inputs[value.name])
+    shape = []
+    for dim in value.shape or []:
+        if isinstance(dim, int):
+            shape.append(dim if dim > 0 else spec.default)
+        else:
+            shape.append(spec.dims.get(str(dim), spec.default))
+    return shape
+
+
+def _integer_input(model: ir.Model, value: ir.Value, shape: list[int], dtype, rng: np.random.Generator) -> np.ndarray:
+    """Legal synthetic ids: masks of ones, token-type ids of zeros, position ids 0..n-1, token
+    ids below the row count of the embedding table they index (UsageError when unknown)."""
+    lname = value.name.lower()
+    if "mask" in lname:
+        return np.ones(shape, dtype=dtype)
+    if "type" in lname:
+        return np.zeros(shape, dtype=dtype)
+    if "position" in lname or lname.endswith("pos_ids"):
+        if not shape:
+            return np.zeros(shape, dtype=dtype)
+        return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+    high = _gather_table_rows(model, value)
+    if high is None:
+        raise UsageError(
+            f"integer input '{value.name}': its legal range cannot be read from the graph (it indexes no "
+            "constant embedding table); pass real inputs with --calib"
+        )
+    return rng.integers(0, high, size=shape).astype(dtype)
 
 
 def synthetic_inputs(model: ir.Model, spec: ShapeSpec, samples: int = 32, seed: int = 0) -> CalibrationData:
-    """Data-free mode: N(0,1) floats; integer inputs as ids below the embedding size (or 0/1
-    for names containing 'mask' / 'type'). Stated in every report as synthetic."""
+    """Data-free mode: N(0,1) floats; integer inputs as legal ids (see :func:`_integer_input`).
+    Stated in every report as synthetic."""
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
-    for value in _graph_inputs(model):
-        if value.name in spec.inputs:
-            shape = list(spec.inputs[value.name])
-        else:
-            shape = []
-            for dim in value.shape or []:
-                if isinstance(dim, int):
-                    shape.append(dim)
-                else:
-                    shape.append(spec.dims.get(str(dim), spec.default))
-        batch = static_batch(model)
+    values = _graph_inputs(model)
+    batch = static_batch(model)
+    # Inputs with no sample axis: scalars, and (without a static batch) inputs whose first dim
+    # is fixed while others' is dynamic, like a KV cache [layers, batch, heads, past, dim].
+    # They are fed whole with a single sample, the batch dims at their --dim/default value.
+    shared = frozenset(
+        v.name for v in values if v.name not in spec.inputs and v.shape is not None
+        and (len(v.shape) == 0 or (batch is None and isinstance(v.shape[0], int) and v.shape[0] > 0)))
+    if shared:
+        samples = 1
+    for value in values:
+        shape = _dims_of(value, spec)
         if batch:
             samples = max(batch, samples - samples % batch)
-        shape[0:1] = [samples] if shape else []
+        if value.name not in shared:
+            shape[0:1] = [samples] if shape else []
         dtype = _NP_DTYPES.get(value.dtype, np.float32)
         if np.issubdtype(dtype, np.floating):
             arr = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             arr = np.ones(shape, dtype=dtype)
         else:
-            lname = value.name.lower()
-            if "mask" in lname:
-                arr = np.ones(shape, dtype=dtype)
-            elif "type" in lname:
-                arr = np.zeros(shape, dtype=dtype)
-            else:
-                high = _gather_table_rows(model, value) or 100
-                arr = rng.integers(0, high, size=shape).astype(dtype)
+            arr = _integer_input(model, value, shape, dtype, rng)
         inputs[value.name] = arr
     return CalibrationData(inputs=inputs, source=f"synthetic: {samples} samples, N(0,1) floats, seed {seed}",
-                           static_batch=static_batch(model))
+                           static_batch=batch, shared=shared)
 
 
 class ModelRunner:
@@ -468,3 +516,28 @@ def _capture_key(layer: GemmLayer) -> str:
     if layer.op_type == "Conv" or (layer.op_type == "Gemm" and layer.node.attributes.get_int("transA", 0)):
         return f"layer:{layer.name}"
     return f"input:{layer.node.inputs[0].name}"
+
+
+def shapes_from_calibration(spec: ShapeSpec, model: ir.Model, data: CalibrationData) -> ShapeSpec:
+    """``spec`` with every dynamic dim the user did not set taken from the calibration arrays.
+
+    Why: the analysis (MACs, modeled speedup) should be at the shapes the model is used at,
+    e.g. 128-token sequences, not at the default of 1 per dynamic dim. The leading dim of
+    the arrays counts samples, not a batch size, so it stays as ``--dim``/the default says.
+    """
+    result = ShapeSpec(inputs=dict(spec.inputs), dims=dict(spec.dims), default=spec.default)
+    for value in _graph_inputs(model):
+        array = data.inputs.get(value.name)
+        if value.name in spec.inputs or array is None or value.shape is None or array.ndim != len(value.shape):
+            continue
+        for axis, dim in enumerate(value.shape):
+            if axis == 0 or (isinstance(dim, int) and dim > 0):
+                continue
+            if not isinstance(dim, int) and str(dim) not in result.dims:
+                result.dims[str(dim)] = int(array.shape[axis])
+        if any(isinstance(dim, int) and dim <= 0 for dim in value.shape[1:]):  # unnamed: pin the input
+            first = value.shape[0]
+            lead = first if isinstance(first, int) and first > 0 else (
+                spec.dims.get(str(first), spec.default) if not isinstance(first, int) else spec.default)
+            result.inputs[value.name] = (lead, *(int(d) for d in array.shape[1:]))
+    return result

@@ -26,6 +26,7 @@ from mpcompile.calibration import (
     load_calibration,
     release_freed_memory,
     run_model,
+    shapes_from_calibration,
     synthetic_inputs,
 )
 from mpcompile.errors import UnsupportedModelError, UsageError
@@ -39,7 +40,7 @@ from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask, restore
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
 from mpcompile.selection import MEASURED_ORDERS, Selection, rank_by_measurement, select_layers
 from mpcompile.shapes import ShapeSpec
-from mpcompile.validate import OutputComparison, compare_outputs, relative_drift
+from mpcompile.validate import OutputComparison, compare_all_outputs, relative_drift
 
 __all__ = ["CompileOptions", "CompileResult", "ProgressFactory", "compile_model"]
 
@@ -240,16 +241,18 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
 
     check_dim_names(loaded.model, opts.shape_spec.dims)
 
+    data, from_user = _load_data(opts, loaded.model)
+    require_finite_inputs(data)
+    # With --calib, dynamic dims (sequence length, image size) are those of the data.
+    spec = shapes_from_calibration(opts.shape_spec, loaded.model, data) if from_user else opts.shape_spec
     layers_total = len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
     with progress("MP fit", layers_total) as advance:
-        analysis = analyze_loaded(loaded, opts.shape_spec, opts.analyze, advance)
+        analysis = analyze_loaded(loaded, spec, opts.analyze, advance)
     timings["analyze"] = time.perf_counter() - t0
     from mpcompile.user_checks import check_layer_names
 
     check_layer_names("--exclude", opts.exclude, [a.name for a in analysis.result.layers])
 
-    data, from_user = _load_data(opts, loaded.model)
-    require_finite_inputs(data)
     eval_data, eval_source = data, data.source
     if opts.eval_data:
         eval_data = load_calibration(opts.eval_data, loaded.model)
@@ -262,7 +265,8 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     from_capture = eval_data is data and method in DATA_METHODS and not unstructured
     t = time.perf_counter()
     with dense_model_errors():
-        dense_eval_out = None if from_capture else run_model(loaded.model, eval_data, opts.batch_size)[0]
+        dense_eval_all = None if from_capture else run_model(loaded.model, eval_data, opts.batch_size)
+        dense_eval_out = None if dense_eval_all is None else dense_eval_all[0]
         dense_calib_out = (
             dense_eval_out if eval_data is data
             else run_model(loaded.model, data, opts.batch_size)[0] if opts.max_drift is not None else None
@@ -276,6 +280,9 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     timings["validate"] = time.perf_counter() - t
     if not from_user:
         notes.append(f"no --calib given: calibration and validation use {data.source}")
+    elif eval_data is data:
+        notes.append("no --eval-data given: validation reuses the calibration set, so its figures are "
+                     "on data the masks were fitted to")
 
     # A measured order masks every candidate first and trims to the target afterwards.
     target = 1.0 if opts.max_drift is not None or measured_order else opts.target
@@ -323,6 +330,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
                 "body, which ONNX Runtime cannot expose: they got data-free magnitude 2:4 masks "
                 f"(calibrated: false): {', '.join(uncaptured)}")
         if from_capture:
+            dense_eval_all = outputs
             dense_eval_out = outputs[0]
             dense_calib_out = dense_eval_out
             require_finite(dense_eval_out, f"the input model's output on {eval_source}")
@@ -415,8 +423,13 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     timings["check"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sparse_out = run_model(model, eval_data, opts.batch_size)[0]
-    validation = compare_outputs(dense_eval_out, sparse_out, eval_data.used_labels)
+    sparse_all = run_model(model, eval_data, opts.batch_size)
+    names = [v.name for v in model.graph.outputs]
+    validation = compare_all_outputs(names, dense_eval_all, sparse_all, eval_data.used_labels)
+    if all(c.degenerate for c in validation.all_outputs):
+        notes.append("validation not meaningful: the dense outputs are degenerate on this data ("
+                     + "; ".join(f"'{c.output}': {c.degenerate}" for c in validation.all_outputs)
+                     + "); pass real inputs with --eval-data or --calib")
     timings["validate"] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     from mpcompile.speedup import shape_set_speedups
@@ -608,7 +621,7 @@ def _subset(data: CalibrationData, samples: int) -> CalibrationData:
     """The first ``samples`` samples (whole static batches): enough to rank layers by drift."""
     count = min(data.samples, max(samples, data.static_batch or 0))
     labels = data.labels[:count] if data.labels is not None else None
-    return CalibrationData({k: v[:count] for k, v in data.inputs.items()}, data.source, labels, data.static_batch)
+    return CalibrationData(data.slice(0, count), data.source, labels, data.static_batch, data.shared)
 
 
 def _weight_groups(selected: list[GemmLayer], masks: list[LayerMask]) -> dict[str, list[GemmLayer]]:

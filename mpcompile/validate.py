@@ -8,16 +8,17 @@ inputs — the report says so.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["OutputComparison", "compare_outputs", "relative_drift"]
+__all__ = ["OutputComparison", "compare_all_outputs", "compare_outputs", "degenerate_reason", "relative_drift"]
 
 
 @dataclass
 class OutputComparison:
-    """How far the sparse model's first output moved from the dense one.
+    """How far the sparse model's first output moved from the dense one (``others``: the
+    remaining outputs, each compared the same way).
 
     Attributes:
         max_abs_error, mean_abs_error: over all output elements.
@@ -38,6 +39,13 @@ class OutputComparison:
     certified_fraction: float | None = None
     dense_accuracy: float | None = None
     sparse_accuracy: float | None = None
+    output: str | None = None  # graph output name
+    degenerate: str | None = None  # why the figures mean nothing (dense output ~constant / ~0)
+    others: list[OutputComparison] = field(default_factory=list)  # the remaining graph outputs
+
+    @property
+    def all_outputs(self) -> list[OutputComparison]:
+        return [self, *self.others]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,3 +83,48 @@ def compare_outputs(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | 
             result.dense_accuracy = float(np.mean(top_d == labels))
             result.sparse_accuracy = float(np.mean(top_s == labels))
     return result
+
+
+# Relative spread below which a dense output is treated as constant: drift and cosine of
+# such an output measure rounding noise, not the model (seen: a detector's ~1e-8 scores on
+# N(0,1) input reported "cosine 0.0000").
+DEGENERATE_RELATIVE_SPREAD = 1e-6
+DEGENERATE_ABS = 1e-6
+
+
+def degenerate_reason(dense: np.ndarray) -> str | None:
+    """Why comparing against ``dense`` would be meaningless, or None when it is not."""
+    d = np.asarray(dense, dtype=np.float64)
+    if d.size == 0:
+        return "the dense output is empty"
+    if not np.all(np.isfinite(d)):
+        return "the dense output holds NaN/Inf"
+    scale = float(np.abs(d).max())
+    if scale < DEGENERATE_ABS:
+        return f"the dense output is ~0 on this data (max |value| {scale:.1e})"
+    if d.size > 1 and float(d.max() - d.min()) <= DEGENERATE_RELATIVE_SPREAD * scale:
+        return f"the dense output is constant on this data (value {float(d.flat[0]):.4g})"
+    return None
+
+
+def compare_all_outputs(names: list[str], dense: list[np.ndarray], sparse: list[np.ndarray],
+                        labels: np.ndarray | None = None) -> OutputComparison:
+    """Compare every graph output; the first one's figures lead, the rest are in ``others``.
+
+    Each comparison's ``degenerate`` says when its dense values make the figures meaningless.
+    """
+    results = []
+    for i, (d, s) in enumerate(zip(dense, sparse, strict=True)):
+        name = names[i] if i < len(names) else f"output {i}"
+        if not np.issubdtype(np.asarray(d).dtype, np.floating):  # ids/indices: exact match only
+            d = np.asarray(d).astype(np.float64)
+            s = np.asarray(s).astype(np.float64)
+        if d.ndim == 0:
+            d, s = d.reshape(1, 1), np.asarray(s).reshape(1, 1)
+        comparison = compare_outputs(d, s, labels if i == 0 else None)
+        comparison.output = name
+        comparison.degenerate = degenerate_reason(d)
+        results.append(comparison)
+    first, rest = results[0], results[1:]
+    first.others = rest
+    return first

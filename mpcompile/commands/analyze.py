@@ -115,7 +115,9 @@ def render_analysis_table(analysis: Analysis, console) -> None:
     console.print(
         f"{summary['layers']} GEMM/Conv layers ({summary['unique_weights']} unique weights), "
         f"{summary['eligible_layers']} eligible for 2:4; GEMM MACs {format_count(summary['total_gemm_macs'])}"
-        + (f", {100 * frac:.1f}% eligible" if frac is not None else "")
+        + (f", {100 * frac:.1f}% eligible" if frac is not None
+           else f" (+ unknown), eligible MAC fraction unknown for {summary['macs_unknown_layers']} layers"
+           if summary["macs_unknown_layers"] else "")
         + f"; shapes: {analysis.shape_spec.describe()}; {summary['seconds']:.2f}s"
     )
     console.print(

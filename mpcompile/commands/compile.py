@@ -169,13 +169,18 @@ def render_compile_summary(result: CompileResult, console) -> None:
     check = "[green]passed[/]" if result.check_ok else "[red]FAILED[/]"
     console.print(f"independent 2:4 check: {check}")
     v = result.validation
-    if v is not None:
-        line = (f"dense vs sparse on {v.samples} samples ({result.eval_source}): cosine {v.cosine_similarity:.4f}, "
-                f"relative L2 drift {v.relative_l2:.4f}, max |Δ| {v.max_abs_error:.3g}")
-        if v.top1_agreement is not None:
-            line += f", top-1 agreement {100 * v.top1_agreement:.1f}%, certified unchanged {v.certified}/{v.samples}"
-        if v.dense_accuracy is not None:
-            line += f", accuracy {100 * v.dense_accuracy:.2f}% → {100 * v.sparse_accuracy:.2f}%"
+    for c in v.all_outputs if v is not None else []:
+        name = f" output '{c.output}'" if len(v.all_outputs) > 1 else ""
+        line = f"dense vs sparse{name} on {c.samples} samples ({result.eval_source}): "
+        if c.degenerate:  # a cosine of rounding noise would read as a result
+            console.print(line + f"not meaningful, {c.degenerate} (max |Δ| {c.max_abs_error:.3g})")
+            continue
+        line += (f"cosine {c.cosine_similarity:.4f}, relative L2 drift {c.relative_l2:.4f}, "
+                 f"max |Δ| {c.max_abs_error:.3g}")
+        if c.top1_agreement is not None:
+            line += f", top-1 agreement {100 * c.top1_agreement:.1f}%, certified unchanged {c.certified}/{c.samples}"
+        if c.dense_accuracy is not None:
+            line += f", accuracy {100 * c.dense_accuracy:.2f}% → {100 * c.sparse_accuracy:.2f}%"
         console.print(line)
     for item in result.speedup:
         console.print(
