@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -31,11 +30,7 @@ QUICK = [case for case in CASES if case.quick]
 
 
 def _param(case, dynamo: bool):
-    marks = []
-    if case.subgraphs:
-        marks.append(pytest.mark.xfail(strict=False, reason="GEMMs inside If/Loop bodies need subgraph support "
-                                                             "(issue 11 part 1, another branch)"))
-    return pytest.param(case, dynamo, id=f"{case.name}-{'dynamo' if dynamo else 'legacy'}", marks=marks)
+    return pytest.param(case, dynamo, id=f"{case.name}-{'dynamo' if dynamo else 'legacy'}")
 
 
 @pytest.mark.parametrize(("case", "dynamo"), [_param(c, d) for c in QUICK for d in (False, True)

@@ -6,7 +6,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 
 from mpcompile.html_report import render_html
 from mpcompile.pipeline import CompileOptions, compile_model

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 from mpcompile.calibration import synthetic_inputs
 from mpcompile.cli import main
 from mpcompile.errors import UsageError
-from mpcompile.model_io import load_model
 from mpcompile.pipeline import CompileOptions, compile_model
 from mpcompile.shapes import ShapeSpec
 from mpcompile.validate import compare_all_outputs, degenerate_reason

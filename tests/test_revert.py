@@ -114,7 +114,7 @@ def test_revert_refuses_the_wrong_dense_model(cnn, tmp_path):
 
 def test_revert_fp16_model_writes_fp16_weights(cnn, tmp_path):
     tmp, dense, _, x, y = cnn
-    result = compile_model(dense, CompileOptions(output=str(tmp_path / "h.onnx"), fp16=True, perm_steps=200))
+    compile_model(dense, CompileOptions(output=str(tmp_path / "h.onnx"), fp16=True, perm_steps=200))
     marked = [c.node for c in check_model(tmp_path / "h.onnx").layers if c.marked]
     res = revert_dense_weights(tmp_path / "h.onnx", dense, marked[:1], tmp_path / "h1.onnx")
     assert res.precision == "float16" and res.check_drift < 2e-2

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mpcompile.analyze import AnalyzeOptions, analyze_model
 from mpcompile.shapes import ShapeSpec
-from mpcompile.speedup import layer_shapes, modeled_speedups
+from mpcompile.speedup import layer_shapes
 from mpcompile.trt.model import GPUS, LayerShape, predict_sparse_pick
 
 
