@@ -18,7 +18,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from mpcompile.errors import ExternalDataError, InvalidModelError
+from mpcompile.errors import InvalidModelError
 from mpcompile.model_checks import check_graph_inputs, check_text_fields, validate_tensors
 from mpcompile.proto_stream import write_inline_streamed  # noqa: F401  (re-exported for callers)
 from mpcompile.shapes import weightless_copy
@@ -64,41 +64,6 @@ def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
     ]
 
 
-def _validate_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external data that escapes the model's folder, is missing, or is truncated."""
-    base = base_dir.resolve()
-    sizes: dict[Path, int] = {}
-    for tensor in _external_tensors(proto):
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        if not location:
-            raise ExternalDataError(f"tensor '{tensor.name}' uses external data without a location")
-        if os.path.isabs(location) or Path(location).is_absolute():
-            raise ExternalDataError(
-                f"tensor '{tensor.name}': external data location '{location}' is an absolute path; "
-                "only paths inside the model's folder are allowed"
-            )
-        target = (base / location).resolve()
-        if not target.is_relative_to(base):
-            raise ExternalDataError(
-                f"tensor '{tensor.name}': external data location '{location}' escapes the "
-                f"model's folder {base}"
-            )
-        if target not in sizes:
-            if not target.is_file():
-                raise ExternalDataError(
-                    f"tensor '{tensor.name}': external data file '{location}' not found next to the model"
-                )
-            sizes[target] = target.stat().st_size
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
-        if length is not None and offset + int(length) > sizes[target]:
-            raise ExternalDataError(
-                f"tensor '{tensor.name}': external data file '{location}' is truncated "
-                f"(needs bytes {offset}..{offset + int(length)}, file has {sizes[target]})"
-            )
-
-
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Read and validate an ONNX model; raise a one-line MpcompileError on any problem."""
     p = Path(path)
@@ -119,9 +84,10 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and not proto.opset_import):
         raise InvalidModelError(f"{p}: not a valid ONNX file (no graph found; truncated or not ONNX?)")
     check_text_fields(proto, str(p))
-    validate_tensors(proto, p.parent)  # declared sizes vs bytes present, before anything is allocated
+    # Declared sizes vs bytes present, before anything is allocated; external data: location inside
+    # the folder, no symlink, offsets and lengths within the file.
+    validate_tensors(proto, p.parent)
     check_graph_inputs(proto)
-    _validate_external_data(proto, p.parent)
     try:
         # Structural check only: the weights may be external and are validated above.
         # Small models are checked whole. Big ones (or external data, validated above) are

@@ -204,3 +204,17 @@ def test_saved_model_never_points_at_the_input_data(model, tmp_path, external):
     restored = onnx.load(str(moved / "c.onnx"))
     w = {t.name: onnx.numpy_helper.to_array(t) for t in restored.graph.initializer}
     np.testing.assert_array_equal(w["w1"], np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
+
+
+def test_build_refuses_derived_outputs_that_would_replace_an_input(model, capsys):
+    """`build` writes engines and a reverted model beside the model: those names are guarded too."""
+    dense = model.parent / "m.reverted.onnx"  # what `build m.onnx --dense ...` would write its revert to
+    shutil.copy(model, dense)
+    before = digests(model.parent)
+    assert main(["-q", "build", str(model), "--dense", str(dense)]) == 2
+    line = _one_error_line(capsys)
+    assert "the reverted model" in line and "is the input file" in line, line
+    assert digests(model.parent) == before
+    assert main(["-q", "build", str(model), "-o", str(model)]) == 2
+    assert "is the input file" in _one_error_line(capsys)
+    assert digests(model.parent) == before

@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output or str(Path(args.model).with_suffix("")) + ".build.json")
     guard = RunOutputs([*model_files(args.model), *(model_files(args.dense) if args.dense else [])], force=True)
     guard.add(out, "-o")  # never the model, the dense model or their data; refused before any work
+    for path, what in _derived_outputs(Path(args.model), bool(args.dense)):
+        guard.add(path, what)
     modeled, marked = _modeled(args.model, args)
     ok, reason = gpu_available(require_tensorrt=True)
     report = report_header("build", Path(args.model), marked_layers=marked, speedup=modeled, measured=None)
@@ -137,12 +139,27 @@ def _measure(args: argparse.Namespace, marked: list[str], err) -> dict[str, Any]
     return result
 
 
+def _derived_outputs(model: Path, dense: bool) -> list[tuple[Path, str]]:
+    """The files a measured build writes beside the model, named so the guard can refuse them
+    (as it refuses ``-o``) when one would replace an input or another output."""
+    paths = [(model.with_suffix(".sparse.engine"), "the sparse engine")]
+    if dense:
+        reverted = _reverted_path(model)
+        paths += [(model.with_suffix(".dense.engine"), "the dense engine"),
+                  (reverted, "the reverted model"), (reverted.with_suffix(".engine"), "the reverted engine")]
+    return paths
+
+
+def _reverted_path(model: Path) -> Path:
+    return model.with_name(model.stem + ".reverted.onnx")
+
+
 def _revert(model: Path, dense: Path, nodes: list[str], args: argparse.Namespace):
     """Dense weights back for ``nodes``, in the permuted frame and stored dtype, validated with
     ONNX Runtime against the dense model before anything is written (``mpcompile.revert``)."""
     from mpcompile.revert import revert_dense_weights
 
-    out = model.with_name(model.stem + ".reverted.onnx")
+    out = _reverted_path(model)
     return out, revert_dense_weights(model, dense, nodes, out, spec=shape_spec_from_args(args))
 
 
