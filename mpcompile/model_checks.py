@@ -182,13 +182,15 @@ def validate_tensors(proto: onnx.ModelProto, base_dir: Path, *, inline_data: boo
 
 
 def check_graph_inputs(proto: onnx.ModelProto) -> None:
-    """Refuse graph inputs whose fixed dims multiply past :data:`MAX_INPUT_ELEMENTS`."""
+    """Refuse graph inputs whose fixed dims multiply past :data:`MAX_INPUT_ELEMENTS`.
+
+    A ``dim_value`` of 0 or below is how Paddle and some TF converters write a dynamic dim
+    (``-1``): it is treated as dynamic (shapes.py), so only the positive dims count here.
+    """
     for value in proto.graph.input:
         if not value.type.HasField("tensor_type"):
             continue
-        dims = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
-        if any(d < 0 for d in dims):
-            raise InvalidModelError(f"input '{value.name}' declares a negative dimension {dims}")
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value") and d.dim_value > 0]
         if math.prod(dims) > MAX_INPUT_ELEMENTS:
             raise UnsupportedModelError(
                 f"input '{value.name}' declares {math.prod(dims):.3g} elements per inference "
