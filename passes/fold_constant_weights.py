@@ -12,23 +12,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from mpcompile.passes.gemm_discovery import _const_array as _constant  # discovery's reading of a constant
+
 __all__ = ["fold_constant_weight_reshapes"]
 
 _FOLDABLE = frozenset({"Reshape", "Flatten"})
 _GEMM_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 _PASS_THROUGH = frozenset({"Identity", "Cast", "Transpose"})
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant":
-        attr = producer.attributes.get("value")
-        return attr.as_tensor().numpy() if attr is not None else None
-    return None
 
 
 def _feeds_weight(value: ir.Value) -> bool:
