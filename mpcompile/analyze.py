@@ -29,6 +29,9 @@ class AnalyzeOptions:
     sparsity: float = 0.5
     tw_confidence: float | None = 0.99
     annotate: bool = True
+    spectrum: str = "auto"  # exact | sketch | auto (sketch from a 4096 smaller side on)
+    workers: str = "local"  # local threads, or ray (see mpcompile.ray_fanout)
+    ray_address: str | None = None
 
 
 @dataclass
@@ -62,6 +65,9 @@ def analyze_loaded(
         annotate=opts.annotate,
         output_shapes=shapes,
         progress=progress,
+        spectrum=opts.spectrum,
+        workers=opts.workers,
+        ray_address=opts.ray_address,
     )
     spectral(loaded.model)
     result = loaded.model.meta[ANALYSIS_META_KEY]

@@ -236,6 +236,7 @@ def require_usable_weights(model) -> None:
     Why refuse rather than skip: an MP fit of a NaN matrix fails deep in LAPACK, and a model
     with a NaN weight produces NaN outputs, so any report about it would be meaningless.
     """
+    from mpcompile.lazy_weights import release
     from mpcompile.passes.gemm_discovery import discover_gemms
 
     seen: set[int] = set()
@@ -254,6 +255,8 @@ def require_usable_weights(model) -> None:
         except (ValueError, TypeError) as exc:
             raise InvalidModelError(f"weight '{name}' of layer '{layer.name}': cannot read its data ({exc})") from exc
         require_finite(array, f"weight '{name}' of layer '{layer.name}'")
+        del array
+        release(tensor)  # one weight resident at a time, not the whole model (lazy_weights)
 
 
 def require_finite_inputs(data) -> None:

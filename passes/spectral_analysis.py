@@ -22,16 +22,32 @@ import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 
 from mpcompile.errors import NoGemmError
+from mpcompile.lazy_weights import release
 from mpcompile.numerics.budget import DEFAULT_BETA, DEFAULT_SD, seb_weights
 from mpcompile.numerics.mp_law import MPFit, fit_mp
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms
 
-__all__ = ["AnnotateSpectralPass", "LayerAnalysis", "AnalysisResult", "ANALYSIS_META_KEY"]
+__all__ = ["AnnotateSpectralPass", "LayerAnalysis", "AnalysisResult", "ANALYSIS_META_KEY", "SPECTRUM_MODES",
+           "fit_weight"]
 
 logger = logging.getLogger(__name__)
 
 ANALYSIS_META_KEY = "mpcompile.analysis"
 _PROP_PREFIX = "mpcompile."
+SPECTRUM_MODES = ("auto", "exact", "sketch")
+# ``auto`` sketches a matrix from this smaller side on: the exact eigensolve costs ~12 s a
+# matrix there (p³), the sketch ~1.5 s with σ² within 1 % (see numerics/sketch_spectrum.py).
+AUTO_SKETCH_SIDE = 4096
+
+
+def fit_weight(w: np.ndarray, *, alpha: float, tw_confidence: float | None, spectrum: str = "exact") -> MPFit:
+    """The MP fit of one ``[out, K]`` matrix: the one function local threads and Ray workers run,
+    so both give the same numbers."""
+    if spectrum == "sketch" or (spectrum == "auto" and min(w.shape) >= AUTO_SKETCH_SIDE):
+        from mpcompile.numerics.sketch_spectrum import fit_mp_sketch
+
+        return fit_mp_sketch(w, alpha=alpha, tw_confidence=tw_confidence)
+    return fit_mp(w, alpha=alpha, tw_confidence=tw_confidence)
 
 
 @dataclass
@@ -118,6 +134,10 @@ class AnnotateSpectralPass(ir.passes.InPlacePass):
         annotate: write ``mpcompile.*`` entries into each node's ``metadata_props``.
         output_shapes: static shapes by value name, for MAC counts.
         progress: called once per fitted weight with the layer name.
+        spectrum: ``exact`` (full Gram eigenvalues), ``sketch`` (row-sample bulk + randomized
+            top-k) or ``auto`` (sketch from a smaller side of 4096 on).
+        workers: ``local`` (threads on this machine) or ``ray`` (one task per weight on a Ray
+            cluster, ``ray_address`` or a local one; see :mod:`mpcompile.ray_fanout`).
     """
 
     def __init__(
@@ -131,8 +151,14 @@ class AnnotateSpectralPass(ir.passes.InPlacePass):
         annotate: bool = True,
         output_shapes: dict[str, tuple[int, ...]] | None = None,
         progress: Callable[[str], None] | None = None,
+        spectrum: str = "auto",
+        workers: str = "local",
+        ray_address: str | None = None,
     ) -> None:
         super().__init__()
+        self.spectrum = spectrum
+        self.workers = workers
+        self.ray_address = ray_address
         self.alpha = alpha
         self.beta = beta
         self.s_d = s_d
@@ -145,6 +171,8 @@ class AnnotateSpectralPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if not 0.0 <= self.alpha < 0.5:
             raise ir.passes.PreconditionError(f"alpha must be in [0, 0.5), got {self.alpha}")
+        if self.spectrum not in SPECTRUM_MODES:
+            raise ir.passes.PreconditionError(f"spectrum must be one of {SPECTRUM_MODES}, got {self.spectrum!r}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
@@ -163,6 +191,7 @@ class AnnotateSpectralPass(ir.passes.InPlacePass):
                 "s_d": self.s_d,
                 "sparsity": self.sparsity,
                 "tw_confidence": self.tw_confidence,
+                "spectrum": self.spectrum,
             },
             seconds=time.perf_counter() - start,
             unique_weights=len(fits),
@@ -182,6 +211,10 @@ class AnnotateSpectralPass(ir.passes.InPlacePass):
         are shared; whole layers in parallel keep both cores busy (the heavy numpy calls
         release the GIL) and are robust to a loaded machine.
         """
+        if self.workers == "ray" or self.ray_address:
+            from mpcompile.ray_fanout import ray_fit_all
+
+            return ray_fit_all(layers, self._matrix, self._options(), self.ray_address, self.progress)
         workers = max(1, min(len(layers), os.cpu_count() or 1))
         with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(self._fit, layer) for layer in layers]
@@ -192,11 +225,26 @@ class AnnotateSpectralPass(ir.passes.InPlacePass):
                     self.progress(layer.name)
         return results
 
-    def _fit(self, layer: GemmLayer) -> MPFit | None:
+    def _options(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "tw_confidence": self.tw_confidence, "spectrum": self.spectrum}
+
+    @staticmethod
+    def _matrix(layer: GemmLayer) -> np.ndarray | None:
+        """The layer's ``[out, K]`` float matrix, its file pages unmapped again (None: too small)."""
         if min(layer.out_features, layer.reduction) < 2:
             return None
+        matrix = layer.matrix()
+        if np.shares_memory(matrix, layer.weight.stored_array()):
+            matrix = matrix.copy()  # a view would pin the map open (see lazy_weights)
+        release(layer.weight.stored_tensor())
+        return matrix
+
+    def _fit(self, layer: GemmLayer) -> MPFit | None:
+        matrix = self._matrix(layer)
+        if matrix is None:
+            return None
         try:
-            return fit_mp(layer.matrix(), alpha=self.alpha, tw_confidence=self.tw_confidence)
+            return fit_weight(matrix, **self._options())
         except (ValueError, np.linalg.LinAlgError) as exc:
             logger.warning("%s: MP fit failed (%s)", layer.name, exc)
             return None

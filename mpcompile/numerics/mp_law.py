@@ -159,17 +159,23 @@ class MPFit:
     """The fitted ``s²``, ascending (p floats): later stages (the spectrum change after pruning,
     the report's ESD plots) read the dense spectrum here instead of solving it again, or
     reading a weight that has been pruned since."""
+    top_eigenvalues: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """A sketched fit (:mod:`mpcompile.numerics.sketch_spectrum`) has no full spectrum
+    (``eigenvalues`` is None), only its top ``s²`` found, ascending."""
+    spectrum: str = "exact"
+    """``exact`` (full Gram eigenvalues) or ``sketch`` (row-sample bulk + randomized top-k)."""
 
     @property
     def top_singular_values(self) -> tuple[float, ...]:
         """The largest singular values (up to 8), largest first."""
-        if self.eigenvalues is None:
+        values = self.eigenvalues if self.eigenvalues is not None else self.top_eigenvalues
+        if values is None:
             return ()
-        return tuple(float(v) for v in np.sqrt(np.clip(self.eigenvalues[::-1][:TOP_SINGULAR_KEPT], 0.0, None)))
+        return tuple(float(v) for v in np.sqrt(np.clip(values[::-1][:TOP_SINGULAR_KEPT], 0.0, None)))
 
     def to_dict(self) -> dict[str, float | int]:
         out = asdict(self)
-        del out["eigenvalues"]
+        del out["eigenvalues"], out["top_eigenvalues"]
         return out
 
 
