@@ -29,7 +29,7 @@ class AnalyzeOptions:
     sparsity: float = 0.5
     tw_confidence: float | None = 0.99
     annotate: bool = True
-    spectrum: str = "auto"  # exact | sketch | auto (sketch from a 4096 smaller side on)
+    spectrum: str = "exact"  # exact | sketch (see mpcompile.numerics.sketch_spectrum)
     workers: str = "local"  # local threads, or ray (see mpcompile.ray_fanout)
     ray_address: str | None = None
 

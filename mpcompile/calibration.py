@@ -288,14 +288,24 @@ class ModelRunner:
         order = list(graph.initializers.values())
         moved = [v for v in self._fed if v not in graph.inputs]
         tensors = {v.name: v.const_value for v in self._fed}
+        # A small initializer kept in the graph but stored as external data would reach the
+        # session as a path relative to the *working directory* (the payload has no folder),
+        # which ONNX Runtime refuses: it goes in inline, only for the serialisation.
+        inlined = {v: v.const_value for v in graph.initializers.values()
+                   if v not in self._fed and isinstance(v.const_value, ir.ExternalTensor)}
         graph.outputs.extend(added)
         try:
+            for value, tensor in inlined.items():
+                value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+                tensor.release()
             for value in self._fed:
                 graph.initializers.pop(value.name)
                 value.const_value = None
             graph.inputs.extend(moved)
             payload = ir.to_proto(model).SerializeToString()
         finally:
+            for value, tensor in inlined.items():
+                value.const_value = tensor
             for value in moved:
                 graph.inputs.remove(value)
             for value in self._fed:

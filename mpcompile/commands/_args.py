@@ -56,10 +56,10 @@ def add_spectral_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tw", dest="tw_confidence", type=float, default=0.99,
                        choices=[0.0, 0.90, 0.95, 0.99],
                        help="Tracy–Widom confidence for counting spikes; 0 = count above plain σ+ (default 0.99)")
-    group.add_argument("--spectrum", choices=["auto", "exact", "sketch"], default="auto",
-                       help="exact: full Gram eigenvalues; sketch: σ² from a 1024-row sample + randomized top-k "
-                            "(σ² within 1 %%, ~10× faster at 4096); auto (default): sketch from a smaller side "
-                            "of 4096 on")
+    group.add_argument("--spectrum", choices=["exact", "sketch"], default="exact",
+                       help="exact (default): full Gram eigenvalues; sketch: σ² from a 1024-row sample + "
+                            "randomized top-k, ~10× faster at 4096 but σ² off by up to tens of %% on trained "
+                            "layers (README: Models bigger than the machine)")
     group.add_argument("--workers", choices=["local", "ray"], default="local",
                        help="where the per-weight fits run: local threads (default) or a Ray cluster "
                             "(pip install 'mpcompile[ray]')")
@@ -75,7 +75,7 @@ def analyze_options_from_args(args: argparse.Namespace) -> AnalyzeOptions:
         s_d=args.s_d,
         tw_confidence=args.tw_confidence or None,
         annotate=True,
-        spectrum=getattr(args, "spectrum", "auto"),
+        spectrum=getattr(args, "spectrum", "exact"),
         workers="ray" if getattr(args, "ray_address", None) else getattr(args, "workers", "local"),
         ray_address=getattr(args, "ray_address", None),
     )

@@ -59,16 +59,18 @@ def fit_mp_sketch(
     sample_rows: int = SAMPLE_ROWS,
     top_k: int = TOP_K,
     seed: int = 0,
+    min_side: int = SKETCH_MIN_SIDE,
 ) -> MPFit:
     """The MP fit of ``w`` from a row sample and a top-k (see module doc).
 
     ``fit_error`` is the sample's (its central window against its own MP law); the fit has
     no full spectrum (``eigenvalues`` None, ``top_eigenvalues`` the values found), so code
-    that needs the whole spectrum computes it. Matrices too small to gain get the exact fit.
+    that needs the whole spectrum computes it. Matrices with a smaller side under ``min_side`` (or
+under twice the sample) gain nothing and get the exact fit.
     """
     a = np.asarray(w)
     rows, cols = a.shape
-    if min(rows, cols) < max(SKETCH_MIN_SIDE, 2 * sample_rows):
+    if min(rows, cols) < max(min_side, 2 * sample_rows):
         return fit_mp(a, alpha=alpha, tw_confidence=tw_confidence)
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float32)
