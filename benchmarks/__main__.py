@@ -35,6 +35,7 @@ BENCHMARKS = (
     ("conformance", "conformance.py", None),
     ("gpu_audit", "gpu_audit.py", 6),
     ("speedup_model_fit", "speedup_model_fit.py", None),
+    ("scale_7b", "scale_7b.py", 6),  # 6: too little free disk for the generated 7B model
 )
 
 

@@ -34,7 +34,7 @@ def _ray():
     try:
         import ray
     except ImportError as exc:
-        raise OptionalDependencyError("--workers ray needs Ray: pip install 'mpcompile[ray]'") from exc
+        raise OptionalDependencyError("ray", "ray", "--workers ray") from exc
     return ray
 
 
