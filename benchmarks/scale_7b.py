@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-anchor", action="store_true", help="do not run polygraphy surgeon prune")
     parser.add_argument("-o", "--output", type=Path)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the sizes already in the output JSON (and predict memory from them); run the rest")
     args = parser.parse_args(argv)
     names = [QUICK_CONFIG.name] if args.quick else (args.configs or list(FULL))
     configs = [QUICK_CONFIG if n == QUICK_CONFIG.name else CONFIGS[n] for n in names]
@@ -269,9 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or RESULTS_DIR / f"scale_7b{'_quick' if args.quick else ''}.json"
     out_dir = cache_dir() / "runs"
     planted = cache_dir() / f"{LLAMA2_7B_2LAYERS.name}.onnx"
-    report["sizes"] = sizes = []
-    report["sketch_accuracy"] = sketch_accuracy(None if args.quick or not planted.exists() else planted)
-    report["targets"] = targets = {}
+    previous = json.loads(out.read_text()) if args.resume and out.exists() else None
+    report["sizes"] = sizes = previous["sizes"] if previous else []
+    report["runs"] = (previous.get("runs", []) if previous else []) + [{"date": report["date"],
+                                                                       "command": report["command"]}]
+    done = {size["config"]["name"] for size in sizes}
+    configs = [c for c in configs if c.name not in done]
+    report["sketch_accuracy"] = (previous["sketch_accuracy"] if previous else
+                                 sketch_accuracy(None if args.quick or not planted.exists() else planted))
+    report["targets"] = targets = previous["targets"] if previous else {}
     try:
         for config in configs:
             sizes.append(run_config(config, args.seed, sizes, not args.skip_anchor and not args.quick, out_dir))
