@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.analyze_speed import Measurement, measure, run_header, save_results  # noqa: E402
+from benchmarks.analyze_speed import Measurement, run_header, save_results  # noqa: E402
 from benchmarks.llama_generator import (  # noqa: E402
     LLAMA2_7B,
     LLAMA2_7B_2LAYERS,
@@ -66,6 +66,45 @@ QUICK_CONFIG = LlamaConfig("quick", layers=1, dim=128, ffn=344, heads=4, vocab=2
 # takes other people's work with it.
 RAM_SHARE = 0.6
 _POLYGRAPHY = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
+# polygraphy surgeon prune loads every weight and masks them in Python: 321 s and 2,160 MB
+# (6.2× the file) on the 346 MB ViT-B/16 (compile_speed.json). Above this it is not started.
+ANCHOR_MAX_BYTES = 64 * 2**20
+# Runs argv[3:] with stdout to argv[1], killed after argv[2] seconds; wall, peak RSS and CPU of that child.
+_MEASURE = r"""
+import json, resource, subprocess, sys, time
+with open(sys.argv[1], "wb") as out, open(sys.argv[1] + ".err", "wb") as err:
+    t = time.perf_counter()
+    try:
+        rc = subprocess.run(sys.argv[3:], stdout=out, stderr=err, timeout=float(sys.argv[2])).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - t
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "wall_s": wall, "maxrss_kb": u.ru_maxrss, "cpu_s": u.ru_utime + u.ru_stime}))
+"""
+
+
+class CommandTimeout(RuntimeError):
+    pass
+
+
+def measure(command: list[str], timeout_s: float) -> Measurement:
+    """``command`` in a fresh process under the RSS wrapper, killed after ``timeout_s``."""
+    import subprocess
+    import tempfile
+
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="mpc_scale_") as tmp:
+        out = Path(tmp) / "stdout"
+        wrapper = subprocess.run([sys.executable, "-c", _MEASURE, str(out), str(timeout_s), *command],
+                                 capture_output=True, text=True, check=True)
+        stats = json.loads(wrapper.stdout)
+        if stats["rc"] == "timeout":
+            raise CommandTimeout(f"killed after {timeout_s:.0f} s (peak RSS so far {stats['maxrss_kb'] / 1e6:.2f} GB)")
+        if stats["rc"] != 0:
+            err = Path(str(out) + ".err").read_text()[-2000:]
+            raise RuntimeError(f"{' '.join(command)} exited with {stats['rc']}:\n{err}")
+        return Measurement(stats["wall_s"], int(stats["maxrss_kb"]) * 1024, stats["cpu_s"], load, out.read_text())
 
 
 def _generator_hash() -> str:
@@ -94,16 +133,16 @@ def _ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _predicted(history: list[dict[str, Any]], command: str, weight_bytes: int) -> float | None:
-    """Peak RSS predicted for ``command`` at ``weight_bytes``: the largest measured RSS-per-weight
-    ratio of the smaller sizes (an upper bound when the cost is linear, as it is here)."""
-    ratios = [h["runs"][command]["peak_rss_bytes"] / h["weight_bytes"] for h in history
+def _predicted(history: list[dict[str, Any]], command: str, weight_bytes: int, field: str) -> float | None:
+    """``field`` (peak RSS or wall) predicted for ``command`` at ``weight_bytes``: the largest
+    measured per-weight-byte ratio of the smaller sizes above 256 MB (linear growth)."""
+    ratios = [h["runs"][command][field] / h["weight_bytes"] for h in history
               if command in h["runs"] and h["weight_bytes"] > 2**28]
     return max(ratios) * weight_bytes if ratios else None
 
 
 def run_config(config: LlamaConfig, seed: int, history: list[dict[str, Any]], anchor: bool,
-               out_dir: Path) -> dict[str, Any]:
+               out_dir: Path, max_command_s: float) -> dict[str, Any]:
     path, cached, gen_s = cached_model(config, seed)
     print(f"== {config.name}: {config.parameters / 1e9:.2f} B parameters, {config.weight_bytes / 1e9:.2f} GB FP16 "
           f"({'cached' if cached else f'generated in {gen_s:.0f} s'})", flush=True)
@@ -119,33 +158,46 @@ def run_config(config: LlamaConfig, seed: int, history: list[dict[str, Any]], an
         "compile": [py, "-m", "mpcompile", "compile", str(path), "-o", str(work / f"{config.name}.sparse.onnx"),
                     "--force", "--quiet"],
     }
-    if config.dim >= 4096:
-        commands["analyze_sketch"] = [*commands["analyze"][:-3], str(work / "analyze_sketch.json"), "--force",
-                                      "--json", "--spectrum", "sketch"]
-    if anchor:
+    if config.dim >= 4096:  # the fast one first: on a loaded machine the exact one may not finish
+        commands = {"analyze_sketch": [*commands["analyze"][:-3], str(work / "analyze_sketch.json"), "--force",
+                                       "--json", "--spectrum", "sketch"], **commands}
+    if anchor and config.weight_bytes > ANCHOR_MAX_BYTES:
+        record["not_run"]["polygraphy_prune"] = (
+            "loads every weight and masks in Python: 321 s and 6.2× the file in RSS on the 346 MB ViT-B/16 "
+            f"(compile_speed.json), so ~{6.2 * config.weight_bytes / 1e9:.0f} GB here")
+    elif anchor:
         commands["polygraphy_prune"] = [py, "-c", _POLYGRAPHY, "surgeon", "prune", str(path), "-o",
                                         str(work / "polygraphy.onnx"), "--save-external-data",
                                         str(work / "polygraphy.onnx.data")]
     for name, command in commands.items():
-        predicted = _predicted(history, name, config.weight_bytes)
+        predicted = _predicted(history, name, config.weight_bytes, "peak_rss_bytes")
+        wall = _predicted(history, name, config.weight_bytes, "wall_s")
         if predicted is not None and predicted > RAM_SHARE * _ram():
             record["not_run"][name] = (f"predicted peak RSS {predicted / 1e9:.1f} GB (from the smaller sizes) "
                                        f"exceeds {RAM_SHARE:.0%} of this machine's {_ram() / 1e9:.0f} GB")
+        elif wall is not None and wall > max_command_s:
+            record["not_run"][name] = (f"predicted {wall / 60:.0f} min (from the smaller sizes' time per weight "
+                                       f"byte on this loaded machine) exceeds --max-command-s {max_command_s:.0f}")
+        if name in record["not_run"]:
             print(f"  {name}: not run ({record['not_run'][name]})", flush=True)
             continue
         print(f"  {name}: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(command))}", flush=True)
         try:
-            m: Measurement = measure(command)
+            m: Measurement = measure(command, max_command_s)
+        except CommandTimeout as exc:
+            record["not_run"][name] = f"not finished: {exc}"
+            print(f"    {record['not_run'][name]}", flush=True)
+            continue
         except RuntimeError as exc:
             record["not_run"][name] = f"failed: {str(exc).splitlines()[-1][:300]}"
             print(f"    FAILED: {record['not_run'][name]}", flush=True)
             continue
         record["runs"][name] = m.to_dict()
         print(f"    {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s cpu, {m.peak_rss_bytes / 1e6:.0f} MB peak RSS", flush=True)
-        if name == "analyze":
-            report = json.loads((work / "analyze.json").read_text())
+        if name.startswith("analyze"):
+            report = json.loads((work / f"{name}.json").read_text())
             fits = [layer["mp"] for layer in report["layers"] if layer.get("mp")]
-            record["analyze"] = {
+            record[name] = {
                 "layers": len(report["layers"]),
                 "spectrum_modes": sorted({f.get("spectrum", "exact") for f in fits}),
                 "planted_spikes_found": sum(1 for f in fits if f["spikes"] == 16),
@@ -198,8 +250,7 @@ def sketch_accuracy(model_path: Path | None) -> dict[str, Any]:
             import onnx_ir as ir
 
             model = ir.load(str(model_path))
-            for name in ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight",
-                         "layers.0.mlp.down_proj.weight"):
+            for name in ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight"):
                 tensor = model.graph.initializers[name].const_value
                 w = tensor.numpy().astype(np.float32).T
                 t = time.perf_counter()
@@ -259,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), help="sizes to run (default: all four)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-anchor", action="store_true", help="do not run polygraphy surgeon prune")
+    parser.add_argument("--max-command-s", type=float, default=3 * 3600,
+                        help="kill a command after this long, and do not start one predicted to take longer")
     parser.add_argument("-o", "--output", type=Path)
     parser.add_argument("--resume", action="store_true",
                         help="keep the sizes already in the output JSON (and predict memory from them); run the rest")
@@ -282,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = targets = previous["targets"] if previous else {}
     try:
         for config in configs:
-            sizes.append(run_config(config, args.seed, sizes, not args.skip_anchor and not args.quick, out_dir))
+            sizes.append(run_config(config, args.seed, sizes, not args.skip_anchor and not args.quick, out_dir,
+                                    args.max_command_s))
             seven_b = sizes[-1]["runs"].get("analyze") if config.name == LLAMA2_7B.name else None
             if seven_b is not None:
                 targets["analyze_7b_rss_le_3GB"] = seven_b["peak_rss_bytes"] <= TARGET_RSS_BYTES
