@@ -283,13 +283,14 @@ def markdown(report: dict[str, Any]) -> str:
              "| model | params | FP16 weights | command | wall s | cpu s | peak RSS MB | RSS ÷ weights |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for size in report["sizes"]:
+        params = size["parameters"]
+        head = (f"| {size['config']['name']} | {params / 1e9:.2f} B | " if params >= 1e8 else
+                f"| {size['config']['name']} | {params / 1e6:.1f} M | ") + f"{size['weight_bytes'] / 1e6:,.0f} MB |"
         for name, run in size["runs"].items():
-            lines.append(f"| {size['config']['name']} | {size['parameters'] / 1e9:.2f} B | "
-                         f"{size['weight_bytes'] / 1e9:.2f} GB | {name} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | "
+            lines.append(f"{head} {name} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | "
                          f"{run['peak_rss_mb']:.0f} | {run['peak_rss_bytes'] / size['weight_bytes']:.2f} |")
         for name, why in size["not_run"].items():
-            lines.append(f"| {size['config']['name']} | {size['parameters'] / 1e9:.2f} B | "
-                         f"{size['weight_bytes'] / 1e9:.2f} GB | {name} | – | – | – | not run: {why} |")
+            lines.append(f"{head} {name} | – | – | – | not run: {why} |")
     acc = report["sketch_accuracy"]
     lines += [""]
     by_source: dict[str, list[dict[str, Any]]] = {}
