@@ -26,7 +26,8 @@ examples:
   mpcompile build model.sparse.onnx --dense model.onnx --profile input:1x3x224x224,8x3x224x224,32x3x224x224
   mpcompile build model.sparse.onnx --shape input:8x3x224x224     # no TensorRT here: modeled report, exit 6
 
-exit code 6 when TensorRT or a GPU is missing (the modeled report is still written).
+exit code 6 when TensorRT or a GPU is missing (the modeled report is still written);
+exit code 5 when they are there but Polygraphy is not (pip install 'mpcompile[gpu]').
 """
 
 
@@ -71,7 +72,7 @@ def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpcompile.trt.builder import gpu_available
+    from mpcompile.trt.gpu_probe import gpu_available
 
     err = stderr_console(args.quiet)
     from mpcompile.outputs import RunOutputs, model_files
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         # one plain line on stderr (no markup, no wrapping): pipelines grep for it
         print(f"mpcompile: no measured build here: {reason}; modeled report written to {out}", file=sys.stderr)
         return EXIT_NO_BACKEND
+    from mpcompile.trt.build_plan import import_polygraphy_trt
+
+    import_polygraphy_trt()  # TensorRT and a GPU but no Polygraphy: one line, exit 5, nothing written
     report["measured"] = _measure(args, marked, err)
     write_json(report, out)
     err.print(f"build report: {out}")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace, marked: list[str], err) -> dict[str, Any]:
     """Dense and sparse engines, sparse-tactic table, optional revert + rebuild, latency."""
     from mpcompile.trt.builder import BuildConfig, build_engine, parse_profile_spec, time_engine
-    from mpcompile.trt.inspector import onnx_node_index, sparsity_table
+    from mpcompile.trt.sparsity import onnx_node_index, sparsity_table
 
     model = Path(args.model)
     profiles = [parse_profile_spec(spec) for spec in args.profile or []]
