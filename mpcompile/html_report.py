@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mpcompile.errors import OptionalDependencyError
+from mpcompile.figures import macs_cell, selection_summary, speedup_summary, unknown_macs_note
 from mpcompile.numerics.mp_law import matrix_eigenvalues, mp_density
 
 __all__ = ["render_markdown", "render_html", "write_reports"]
@@ -137,9 +138,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# mpcompile report — {Path(report.get('model', {}).get('path', '?')).name}", ""]
     lines.append(f"- created {report['created']} by mpcompile {report['tool']['version']} (`{report['command']}`)")
     if "method" in report:
-        sel = report["selection"]
-        lines.append(f"- method **{report['method']}**, {sel['sparse_layers']} layers 2:4 = "
-                     f"{100 * sel['sparse_fraction_of_eligible']:.1f}% of eligible GEMM MACs")
+        lines.append(f"- method **{report['method']}**, {selection_summary(report['selection'])}")
         lines.append(f"- calibration: {report['calibration']}")
         lines.append(f"- independent 2:4 check: {'passed' if report['check']['ok'] else 'FAILED'}")
     v = report.get("validation")
@@ -150,8 +149,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                      + (f", accuracy {100 * v['dense_accuracy']:.2f}% → {100 * v['sparse_accuracy']:.2f}%"
                         if v.get("dense_accuracy") is not None else ""))
     for item in report.get("speedup", []) or []:
-        lines.append(f"- speedup ({item['kind']}, {item['gpu']}): {item['speedup']:.3f}× end to end; "
-                     f"Amdahl bound {item['amdahl_bound']:.3f}×")
+        lines.append(f"- speedup on {speedup_summary(item)}")
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
     lines += ["", "| layer | op | out×K | MACs | σ+ | spikes | bulk % | μ | SEB w | 2:4 | why |",
@@ -172,7 +170,7 @@ def _layer_cells(layer: dict[str, Any]) -> list[str]:
         layer["name"],
         layer["op"],
         f"{layer['matrix_shape'][0]}×{layer['matrix_shape'][1]}",
-        _fmt(layer.get("macs"), "d"),
+        macs_cell(layer.get("macs")),
         _fmt(mp.get("sigma_plus"), ".3g"),
         _fmt(mp.get("spikes"), "d"),
         _fmt(None if bulk is None else 100 * bulk, ".1f"),
@@ -208,8 +206,7 @@ def _headline(report: dict[str, Any]) -> str:
     sel = report.get("selection")
     if sel:
         sparse = [layer["name"] for layer in report.get("layers", []) if layer.get("sparse")]
-        items.append(f"<b>{sel['sparse_layers']} layers made 2:4</b> ({100 * sel['sparse_fraction_of_eligible']:.1f}% "
-                     f"of eligible GEMM MACs){': ' + html.escape(', '.join(sparse[:6])) if sparse else ''}"
+        items.append(f"<b>{html.escape(selection_summary(sel))}</b>{': ' + html.escape(', '.join(sparse[:6])) if sparse else ''}"
                      f"{' …' if len(sparse) > 6 else ''}; independent 2:4 check "
                      f"<b>{'passed' if report['check']['ok'] else 'FAILED'}</b>")
     v = report.get("validation")
@@ -225,7 +222,7 @@ def _headline(report: dict[str, Any]) -> str:
         extra += f"; with the measured efficiency curve {cal['speedup']:.2f}×" if cal else ""
         items.append(f"{html.escape(item['gpu'])}: <b>{item['speedup']:.2f}× end to end ({html.escape(item['kind'])})</b>, "
                      f"{html.escape(item.get('precision', 'fp16').upper())}, at {html.escape(item.get('shapes') or 'analysed shapes')}; "
-                     f"Amdahl bound {item['amdahl_bound']:.2f}×{html.escape(extra)}")
+                     f"Amdahl bound {item['amdahl_bound']:.2f}×{html.escape(unknown_macs_note(item) + extra)}")
     model = Path(report.get("output", {}).get("path", "") or report.get("model", {}).get("path", "model.sparse.onnx")).name
     dense = Path(report.get("model", {}).get("path", "model.onnx")).name
     nxt = (f"mpcompile build {model} --dense {dense}\n"
@@ -241,14 +238,15 @@ def _speedup_table(report: dict[str, Any]) -> str:
     rows = []
     for item in report.get("speedup") or []:
         cal = item.get("calibrated")
-        rows.append([item["gpu"], item.get("shapes") or "", item.get("precision", "fp16").upper(), item["kind"],
+        modeled = f"{item['layers'] - item['unknown_macs_layers']} of {item['layers']}" if "layers" in item else "–"
+        rows.append([item["gpu"], item.get("shapes") or "", modeled, item.get("precision", "fp16").upper(), item["kind"],
                      f"{item['speedup']:.2f}×", f"{item['gemm_speedup']:.2f}×", f"{item['amdahl_bound']:.2f}×",
                      f"{item['fp16_speedup']:.2f}×" if "fp16_speedup" in item else "–",
                      f"{cal['speedup']:.2f}×" if cal else "no measurements for this GPU"])
     if not rows:
         return ""
-    return _table(["GPU", "shapes", "precision", "kind", "end to end", "GEMMs", "Amdahl bound", "at FP16",
-                   "fitted curve"], rows, {4, 5, 6, 7})
+    return _table(["GPU", "shapes", "layers modeled", "precision", "kind", "end to end", "GEMMs", "Amdahl bound",
+                   "at FP16", "fitted curve"], rows, {5, 6, 7, 8})
 
 
 def _meaningful_latency(item: dict[str, Any]) -> list[dict[str, Any]]:

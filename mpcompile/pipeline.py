@@ -161,9 +161,7 @@ class CompileResult:
             selection={
                 "order": self.selection.order,
                 "target": self.selection.target,
-                "eligible_macs": self.selection.eligible_macs,
-                "sparse_macs": self.selection.selected_macs,
-                "sparse_fraction_of_eligible": self.selection.selected_fraction,
+                **self.selection.macs_report(),
                 "sparse_layers": len(self.selection.selected_names),
             },
             check={"ok": self.check_ok, **(self.check.to_dict() if self.check is not None else {})},

@@ -198,7 +198,7 @@ def test_analyze_does_not_claim_an_eligible_fraction_over_unknown_macs(tmp_path,
     path = _save(graph, tmp_path / "unknown.onnx")
     assert main(["analyze", path]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "eligible MAC fraction unknown for 1 layers" in out
+    assert "GEMM MACs 4.1k known; 1 of 2 layers with unknown MACs" in out
     assert "% eligible" not in out
 
 

@@ -17,7 +17,8 @@ from mpcompile.commands._args import (
     analyze_options_from_args,
     shape_spec_from_args,
 )
-from mpcompile.console import format_count, format_float, progress_callback, stderr_console, stdout_console
+from mpcompile.console import format_float, progress_callback, stderr_console, stdout_console
+from mpcompile.figures import macs_cell, macs_summary
 from mpcompile.model_io import load_model
 from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.passes.gemm_discovery import discover_gemms
@@ -101,7 +102,7 @@ def render_analysis_table(analysis: Analysis, console) -> None:
             layer.name,
             layer.op_type,
             f"{layer.out_features}×{layer.reduction}",
-            format_count(layer.macs),
+            macs_cell(layer.macs),
             format_float(fit.sigma_plus if fit else None),
             str(fit.spikes) if fit else "–",
             f"{100 * fit.bulk_fraction:.1f}" if fit else "–",
@@ -111,14 +112,10 @@ def render_analysis_table(analysis: Analysis, console) -> None:
         )
     console.print(table)
     summary = result.summary()
-    frac = summary["eligible_mac_fraction"]
     console.print(
         f"{summary['layers']} GEMM/Conv layers ({summary['unique_weights']} unique weights), "
-        f"{summary['eligible_layers']} eligible for 2:4; GEMM MACs {format_count(summary['total_gemm_macs'])}"
-        + (f", {100 * frac:.1f}% eligible" if frac is not None
-           else f" (+ unknown), eligible MAC fraction unknown for {summary['macs_unknown_layers']} layers"
-           if summary["macs_unknown_layers"] else "")
-        + f"; shapes: {analysis.shape_spec.describe()}; {summary['seconds']:.2f}s"
+        f"{summary['eligible_layers']} eligible for 2:4; {macs_summary(summary)}"
+        f"; shapes: {analysis.shape_spec.describe()}; {summary['seconds']:.2f}s"
     )
     console.print(
         "budget: #rank and SEB weight w (w > 1: noise-like spectrum, made 2:4 first); "

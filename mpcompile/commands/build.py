@@ -17,6 +17,7 @@ import numpy as np
 from mpcompile.commands._args import add_shape_args, shape_spec_from_args, shape_specs_from_args
 from mpcompile.console import stderr_console, stdout_console
 from mpcompile.errors import EXIT_NO_BACKEND, UsageError
+from mpcompile.figures import speedup_summary
 from mpcompile.report import report_header, write_json
 
 __all__ = ["register", "run"]
@@ -90,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
         write_json(report, out)
         for item in modeled:
             stdout_console().print(
-                f"{item['gpu']} ([bold]modeled[/], {item['precision'].upper()}, {item['shapes']}): "
-                f"{item['speedup']:.2f}× end to end, Amdahl bound {item['amdahl_bound']:.2f}×"
+                speedup_summary(item)
                 + (f"; {item['fp16_speedup']:.2f}× if emitted as FP16 (mpcompile --fp16)" if "fp16_speedup" in item else ""),
-                highlight=False,
+                highlight=False, markup=False,
             )
         # one plain line on stderr (no markup, no wrapping): pipelines grep for it
         print(f"mpcompile: no measured build here: {reason}; modeled report written to {out}", file=sys.stderr)

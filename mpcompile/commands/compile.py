@@ -17,13 +17,14 @@ from mpcompile.commands._args import (
     shape_spec_from_args,
     shape_specs_from_args,
 )
-from mpcompile.console import format_count, progress_callback, stderr_console, stdout_console
+from mpcompile.console import progress_callback, stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
+from mpcompile.figures import macs_cell, selection_summary, speedup_summary
+from mpcompile.model_io import default_output_path
 from mpcompile.numerics.masks import MASK_METHODS
+from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
-from mpcompile.model_io import default_output_path
-from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.report import dumps
 from mpcompile.selection import ORDERS
 
@@ -146,17 +147,14 @@ def render_compile_summary(result: CompileResult, console) -> None:
         mask = masks.get(decision.name)
         spectral = f"{spectra[mask.layer]['relative_spectral_error']:.3f}" if mask is not None else ""
         table.add_row(
-            layer.name, layer.op_type, f"{layer.out_features}×{layer.reduction}", format_count(decision.macs),
+            layer.name, layer.op_type, f"{layer.out_features}×{layer.reduction}", macs_cell(decision.reported_macs),
             "[green]2:4[/]" if decision.sparse else "dense", decision.reason,
             f"{mask.kept_magnitude_fraction:.3f}" if mask else "", spectral,
         )
     console.print(table)
     sel = result.selection
-    console.print(
-        f"method {result.method}; {len(sel.selected_names)} layers 2:4 = {100 * sel.selected_fraction:.1f}% of "
-        f"eligible GEMM MACs ({format_count(sel.selected_macs)} of {format_count(sel.eligible_macs)}); "
-        f"calibration: {result.calibration_source}"
-    )
+    summary = selection_summary({**sel.macs_report(), "sparse_layers": len(sel.selected_names)})
+    console.print(f"method {result.method}; {summary}; calibration: {result.calibration_source}")
     folded = [p for p in result.permutations if p.folded]
     if result.permutations:
         console.print(
@@ -183,12 +181,7 @@ def render_compile_summary(result: CompileResult, console) -> None:
             line += f", accuracy {100 * c.dense_accuracy:.2f}% → {100 * c.sparse_accuracy:.2f}%"
         console.print(line)
     for item in result.speedup:
-        console.print(
-            f"speedup on {item['gpu']} ([bold]modeled[/], {item.get('precision', 'fp16').upper()}"
-            f"{', ' + item['shapes'] if item.get('shapes') else ''}): {item['speedup']:.2f}× end to end, "
-            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×",
-            markup=True, highlight=False,
-        )
+        console.print(f"speedup on {speedup_summary(item)}", markup=False, highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", style="dim")
 
