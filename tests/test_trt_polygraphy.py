@@ -155,3 +155,44 @@ def test_build_without_polygraphy_is_exit_5_in_one_line(tmp_path, monkeypatch, c
     assert err == ["mpcompile: error: building TensorRT engines needs the optional package 'polygraphy': "
                    "pip install 'mpcompile[gpu]'"]
     assert not out.exists()
+
+
+def test_polygraphy_failures_become_one_line_errors_with_tensorrt_lines(tmp_path, monkeypatch):
+    """Parser and build failures reach us as PolygraphyException after TensorRT's [E] records:
+    both become one-line errors quoting those records, and the log is still written."""
+    from types import SimpleNamespace
+
+    from mpcompile.errors import MpcompileError, UnsupportedModelError
+    from mpcompile.trt import builder
+
+    flags = SimpleNamespace(FP16=1, TF32=2)
+    fake_trt = SimpleNamespace(__version__="10.3.0", BuilderFlag=flags,
+                               NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=5))
+    monkeypatch.setattr(builder, "import_tensorrt", lambda: fake_trt)
+    model = _two_matmul(tmp_path / "m.onnx")
+
+    def rejecting_parser():  # what polygraphy's check_onnx_parser_errors does
+        G_LOGGER.error("In node 0 (parseGraph): UNSUPPORTED_NODE: No importer registered for op: Odd")
+        G_LOGGER.critical("Could not parse ONNX correctly")
+
+    def plan(network, config):
+        return lambda *_: builder.BuildPlan(network, config, False, True)
+
+    monkeypatch.setattr(builder, "plan_build", plan(rejecting_parser, None))
+    with pytest.raises(UnsupportedModelError) as info:
+        builder.build_engine(model, BuildConfig(), tmp_path / "m.engine")
+    message = str(info.value)
+    assert "\n" not in message and "rejected m.onnx" in message and "No importer registered for op: Odd" in message
+    assert "UNSUPPORTED_NODE" in (tmp_path / "m.engine.log").read_text()
+    assert not (tmp_path / "m.engine").exists()
+
+    def failing_config(builder_, network):  # EngineBytesFromNetwork calls the config loader
+        G_LOGGER.error("[optimizer.cpp::computeCosts] Error Code 10: Internal Error (no implementation)")
+        G_LOGGER.critical("Invalid Engine. Please ensure the engine was built correctly")
+
+    monkeypatch.setattr(builder, "plan_build", plan(lambda: ("builder", "network", "parser"), failing_config))
+    with pytest.raises(MpcompileError) as info:
+        builder.build_engine(model, BuildConfig(), tmp_path / "m.engine")
+    message = str(info.value)
+    assert message.startswith("TensorRT build failed: ") and "Error Code 10" in message and "\n" not in message
+    assert not (tmp_path / "m.engine").exists()
