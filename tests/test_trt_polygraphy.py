@@ -93,7 +93,7 @@ def test_strong_typing_follows_the_weights_and_the_tensorrt_version(tmp_path):
 
 def test_one_profile_from_the_shape_specs_and_dynamic_inputs_refused_without(tmp_path):
     dynamic = _two_matmul(tmp_path / "d.onnx", batch="batch", init_as_input=True)
-    with pytest.raises(UsageError, match=r"x\[-1, 64\] need --shape"):
+    with pytest.raises(UsageError, match=r"x\[-1, 64\] need --profile"):
         plan_build(dynamic, BuildConfig(), TRT10)  # Polygraphy alone would build batch=1
     plan = plan_build(dynamic, BuildConfig(profiles=["x:1x64,8x64,32x64"]), TRT10)
     (profile,) = plan.config.profiles
@@ -196,3 +196,13 @@ def test_polygraphy_failures_become_one_line_errors_with_tensorrt_lines(tmp_path
     message = str(info.value)
     assert message.startswith("TensorRT build failed: ") and "Error Code 10" in message and "\n" not in message
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_bad_profile_is_a_usage_error_even_without_a_gpu(tmp_path, capsys):
+    from mpcompile.cli import main
+
+    model = _two_matmul(tmp_path / "m.onnx")
+    assert main(["-q", "build", str(model), "--profile", "x:8x64,4x64,16x64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mpcompile: error: --profile 'x:8x64,4x64,16x64': need min <= opt <= max in every dimension"]
+    assert not (tmp_path / "m.build.json").exists()

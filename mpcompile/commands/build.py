@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     guard.add(out, "-o")  # never the model, the dense model or their data; refused before any work
     for path, what in _derived_outputs(Path(args.model), bool(args.dense)):
         guard.add(path, what)
+    from mpcompile.trt.build_plan import parse_profile_spec
+
+    for spec in args.profile or []:  # a bad --profile is a usage error on any machine, before any work
+        parse_profile_spec(spec)
     modeled, marked = _modeled(args.model, args)
     ok, reason = gpu_available(require_tensorrt=True)
     report = report_header("build", Path(args.model), marked_layers=marked, speedup=modeled, measured=None)

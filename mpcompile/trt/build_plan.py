@@ -51,7 +51,7 @@ class ShapeProfile:
 def _dims(text: str, spec: str) -> tuple[int, ...]:
     parts = [p for p in re.split(r"[x,]", text.strip()) if p != ""]
     if not parts or not all(p.isdigit() for p in parts):
-        raise UsageError(f"--shape '{spec}': '{text}' is not a shape like 1x3x224x224")
+        raise UsageError(f"--profile '{spec}': '{text}' is not a shape like 1x3x224x224")
     return tuple(int(p) for p in parts)
 
 
@@ -63,7 +63,7 @@ def parse_profile_spec(spec: str) -> ShapeProfile:
     """
     name, sep, rest = spec.strip().rpartition(":")
     if not sep or not name or not rest:
-        raise UsageError(f"--shape '{spec}': expected NAME:MIN,OPT,MAX (e.g. input:1x128,8x128,32x128)")
+        raise UsageError(f"--profile '{spec}': expected NAME:MIN,OPT,MAX (e.g. input:1x128,8x128,32x128)")
     if "x" not in rest:
         shape = _dims(rest, spec)
         return ShapeProfile(name, shape, shape, shape)
@@ -72,12 +72,12 @@ def parse_profile_spec(spec: str) -> ShapeProfile:
         shape = _dims(parts[0], spec)
         return ShapeProfile(name, shape, shape, shape)
     if len(parts) != 3:
-        raise UsageError(f"--shape '{spec}': give one shape or three (min,opt,max), got {len(parts)}")
+        raise UsageError(f"--profile '{spec}': give one shape or three (min,opt,max), got {len(parts)}")
     lo, opt, hi = (_dims(p, spec) for p in parts)
     if not len(lo) == len(opt) == len(hi):
-        raise UsageError(f"--shape '{spec}': min, opt and max must have the same rank")
+        raise UsageError(f"--profile '{spec}': min, opt and max must have the same rank")
     if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
-        raise UsageError(f"--shape '{spec}': need min <= opt <= max in every dimension")
+        raise UsageError(f"--profile '{spec}': need min <= opt <= max in every dimension")
     return ShapeProfile(name, lo, opt, hi)
 
 
@@ -161,12 +161,12 @@ def _check_profiles(inputs: dict[str, list[Any]], profiles: list[ShapeProfile]) 
     """Every dynamic input needs a profile: Polygraphy would quietly build it at 1."""
     unknown = sorted({p.name for p in profiles} - set(inputs))
     if unknown:
-        raise UsageError(f"--shape names unknown input(s) {unknown}")
+        raise UsageError(f"--profile names unknown input(s) {unknown}")
     given = {p.name for p in profiles}
     missing = [name for name, dims in inputs.items() if -1 in dims and name not in given]
     if missing:
         pretty = ", ".join(f"{n}{inputs[n]}" for n in missing)
-        raise UsageError(f"dynamic input(s) {pretty} need --shape NAME:MIN,OPT,MAX for TensorRT")
+        raise UsageError(f"dynamic input(s) {pretty} need --profile NAME:MIN,OPT,MAX for TensorRT")
 
 
 def plan_build(onnx_path: str | Path, config: BuildConfig, caps: TrtCaps) -> BuildPlan:
