@@ -72,21 +72,17 @@ def count_constant_gemms(proto: onnx.ModelProto) -> dict[str, int]:
 
 def fold_error(path: Path, seed: int = 1) -> tuple[int, float]:
     """Fold a random permutation into every foldable layer; (folded count, relative max |Δ|)."""
-    import onnxruntime as ort
-
-    from mpcompile.calibration import synthetic_inputs
+    from mpcompile.calibration import run_model, synthetic_inputs
     from mpcompile.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
     from mpcompile.passes.permute_channels import apply_fold, plan_fold
     from mpcompile.shapes import ShapeSpec
-    import onnx_ir as ir
 
     model = load_model(path).model
-    feeds = synthetic_inputs(model, ShapeSpec(), samples=2, seed=seed).slice(0, 2)
+    data = synthetic_inputs(model, ShapeSpec(), samples=2, seed=seed)
 
-    def run() -> list[np.ndarray]:
-        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(None, feeds)
+    def run() -> list[np.ndarray]:  # mpcompile's runner: an export stuck at batch 1 runs per sample
+        return run_model(model, data)
 
     reference = run()
     rng = np.random.default_rng(seed)
@@ -186,6 +182,8 @@ def _markdown(results: list[CaseResult], quick: bool, only: list[str] | None = N
              "Random-weight models exported here; found = discovered / independently counted constant-weight "
              "GEMM/Conv; fold error = max |Δ| / max(1, max |output|) after random permutations folded into every "
              "foldable layer (before pruning).", "",
+             f"Last updated {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by "
+             f"`python benchmarks/conformance.py {' '.join(sys.argv[1:])}`.", "",
              "| model | exporter | status | found | compile | check | folded | fold error | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -204,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small CI subset only")
     parser.add_argument("--only", nargs="+", help="model names")
+    parser.add_argument("--exporter", choices=("legacy", "dynamo"), help="one exporter only")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace these cases' rows in the saved results instead of overwriting them")
     args = parser.parse_args(argv)
     import torch
 
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mpcompile-conformance-") as tmp:
         for case in cases:
             for dynamo in (False, True):
-                if args.quick and ("dynamo" if dynamo else "legacy") not in case.quick:
+                exporter = "dynamo" if dynamo else "legacy"
+                if (args.quick and exporter not in case.quick) or (args.exporter and exporter != args.exporter):
                     continue
                 r = run_case(case, dynamo, Path(tmp))
                 print(f"{r.model:<22} {r.exporter:<7} {r.status[:90]} found {r.found_layers}/{r.expected_layers} "
@@ -225,7 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     payload = {"quick": args.quick, "only": args.only, "cases": [dict(asdict(r), found_fraction=r.found_fraction) for r in results]}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    saved = out / f"{name}.json"
+    if args.merge and saved.exists():
+        previous = json.loads(saved.read_text())
+        fresh = {(r.model, r.exporter): r for r in results}
+        kept = [CaseResult(**{k: v for k, v in c.items() if k != "found_fraction"}) for c in previous["cases"]]
+        results = [fresh.pop((r.model, r.exporter), r) for r in kept] + list(fresh.values())
+        payload = {"quick": args.quick, "only": previous.get("only"),
+                   "cases": [dict(asdict(r), found_fraction=r.found_fraction) for r in results]}
+        args.only = previous.get("only")
+    saved.write_text(json.dumps(payload, indent=1) + "\n")
     (out / f"{name}.md").write_text(_markdown(results, args.quick, args.only))
     failed = [r for r in results if r.status == "failed"]
     return 1 if failed else 0

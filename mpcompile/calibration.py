@@ -34,6 +34,7 @@ __all__ = [
     "capture_layer_stats",
     "load_calibration",
     "run_model",
+    "run_slice",
     "synthetic_inputs",
 ]
 
@@ -83,6 +84,9 @@ class CalibrationData:
     labels: np.ndarray | None = None
     static_batch: int | None = None  # the model's first dimension, when it is not dynamic
     shared: frozenset[str] = frozenset()  # inputs without a sample axis (scalars, KV caches): fed whole
+    # Set when the model declares a dynamic batch but ONNX Runtime runs it only one sample at a
+    # time (an export that hard-codes batch 1 in a Reshape): said in the report.
+    batch_fallback: str | None = None
 
     @property
     def samples(self) -> int:
@@ -324,7 +328,7 @@ def _is_fed(value: ir.Value) -> bool:
 
 def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures raise; their native log line would only repeat them
     # No arena: the arena keeps the high-water mark of every exposed intermediate for the
     # session's lifetime, which dominated peak memory on big calibration captures.
     options.enable_cpu_mem_arena = False
@@ -343,13 +347,56 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def _is_runtime_error(exc: BaseException) -> bool:
+    return (type(exc).__module__ or "").startswith("onnxruntime")
+
+
+def run_slice(runner: ModelRunner, data: CalibrationData, start: int, stop: int,
+              names: list[str] | None = None) -> list[np.ndarray] | None:
+    """``runner`` over samples ``start:stop``; None when the model runs only one sample at a time.
+
+    Why: some exports declare a dynamic batch yet hard-code 1 in a Reshape (torch's dynamo
+    export of ViT-B/16 writes ``[197, 768]`` for a ``[197, batch, 768]`` tensor). When a batch
+    of several samples fails in ONNX Runtime and one sample runs, the data is switched to
+    batch 1 for the rest of the compile (``data.batch_fallback`` says so) and the caller
+    re-runs the slice one sample at a time. Any other failure is raised unchanged.
+    """
+    try:
+        return runner.run(data.slice(start, stop), names)
+    except Exception as exc:
+        if stop - start <= 1 or data.static_batch or not _is_runtime_error(exc):
+            raise
+        try:
+            runner.run(data.slice(start, start + 1), names)
+        except Exception:
+            raise exc from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        data.static_batch = 1
+        data.batch_fallback = (
+            "the model declares a dynamic batch but ONNX Runtime runs it only at batch 1 (on "
+            f"{stop - start} samples: {first[:160]}); calibration and validation ran one sample at a time")
+        logger.warning(data.batch_fallback)
+        return None
+
+
 def run_model(model: ir.Model, data: CalibrationData, batch_size: int = 64) -> list[np.ndarray]:
     """Graph outputs of ``model`` over all calibration samples, concatenated per output."""
     runner = ModelRunner(model)
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
-    for batch in data.batches(batch_size):
-        for name, out in zip(runner.output_names, runner.run(batch)):
+    start = 0
+    while start < data.samples:
+        size = data.static_batch or batch_size
+        stop = min(start + size, data.samples)
+        if data.static_batch and stop - start < size:
+            if start == 0:
+                raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
+            break  # a static batch drops the tail, as :meth:`CalibrationData.batches` does
+        outputs = run_slice(runner, data, start, stop)
+        if outputs is None:
+            continue  # switched to one sample at a time: the same slice again
+        for name, out in zip(runner.output_names, outputs):
             chunks[name].append(out)
+        start = stop
     del runner
     release_freed_memory()
     return [np.concatenate(parts) for parts in chunks.values()]
@@ -450,7 +497,11 @@ def capture_layer_stats(
     start = 0
     while start < stop:
         take = min(size, stop - start)
-        outputs = dict(zip(fetched, runner.run(data.slice(start, start + take), fetched)))
+        fetched_arrays = run_slice(runner, data, start, start + take, fetched)
+        if fetched_arrays is None:  # the model runs one sample at a time: this slice again
+            size = 1
+            continue
+        outputs = dict(zip(fetched, fetched_arrays))
         for name in output_names:
             output_parts[name].append(outputs[name])
         for key, layer in readers.items():
@@ -461,7 +512,7 @@ def capture_layer_stats(
                 )
             _add_upper_gram(sums[key], rows)
             counts[key] += rows.shape[0]
-        if start == 0 and not data.static_batch:
+        if start == 0 and not data.static_batch and not data.batch_fallback:
             per_sample = sum(outputs[name].nbytes for name in names) / take
             size = int(max(1, min(batch_size, output_budget_bytes // max(per_sample, 1))))
         del outputs

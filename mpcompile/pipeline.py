@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mpcompile.analyze import Analysis, AnalyzeOptions, analyze_loaded
+from mpcompile.analyze import Analysis, AnalyzeOptions, analyze_loaded, weights_to_analyze
 from mpcompile.calibration import (
     CalibrationData,
     capture_layer_stats,
@@ -245,8 +245,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     require_finite_inputs(data)
     # With --calib, dynamic dims (sequence length, image size) are those of the data.
     spec = shapes_from_calibration(opts.shape_spec, loaded.model, data) if from_user else opts.shape_spec
-    layers_total = len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
-    with progress("MP fit", layers_total) as advance:
+    with progress("MP fit", weights_to_analyze(loaded)) as advance:
         analysis = analyze_loaded(loaded, spec, opts.analyze, advance)
     timings["analyze"] = time.perf_counter() - t0
     from mpcompile.user_checks import check_layer_names
@@ -430,6 +429,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
         notes.append("validation not meaningful: the dense outputs are degenerate on this data ("
                      + "; ".join(f"'{c.output}': {c.degenerate}" for c in validation.all_outputs)
                      + "); pass real inputs with --eval-data or --calib")
+    notes.extend(dict.fromkeys(d.batch_fallback for d in (data, eval_data) if d.batch_fallback))
     timings["validate"] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     from mpcompile.speedup import shape_set_speedups

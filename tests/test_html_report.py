@@ -23,7 +23,7 @@ def test_html_headline_tables_and_next_command(tmp_path):
     page = render_html(report, result.analysis.result.layers)
     headline = page[page.index("<div class=headline>"):page.index("</div>")]
     assert f"{report['selection']['sparse_layers']} layers made 2:4" in headline
-    assert "output drift" in headline and "Amdahl bound" in headline
+    assert "relative L2 drift" in headline and "Amdahl bound" in headline
     assert headline.count("FP32") >= 4 and "batch=1" in headline and "batch=64" in headline
     assert "trtexec --onnx=mlp.sparse.onnx --sparsity=enable" in headline
     assert "mpcompile build mlp.sparse.onnx --dense mlp.onnx" in headline
