@@ -398,6 +398,10 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
         from mpcompile.passes.fp16 import ConvertToFloat16Pass
 
         ConvertToFloat16Pass()(model)
+        in_bodies = [layer.name for layer in selected if layer.node.graph is not model.graph]
+        if in_bodies:
+            notes.append(f"--fp16 leaves If/Loop/Scan bodies in FP32: {len(in_bodies)} 2:4 layer(s) there run "
+                         f"dense in a strongly typed TensorRT engine ({', '.join(in_bodies)})")
 
     # Seed 003's spectrum-preservation figures of the layers the mask pass did not settle.
     t = time.perf_counter()
