@@ -74,11 +74,11 @@ def fold_error(path: Path, seed: int = 1) -> tuple[int, float]:
     """Fold a random permutation into every foldable layer; (folded count, relative max |Δ|)."""
     import onnxruntime as ort
 
-    from mpcompile.calibration import synthetic_inputs
-    from mpcompile.model_io import load_model
+    from mpcompile.io.calibration import synthetic_inputs
+    from mpcompile.io.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
     from mpcompile.passes.permute_channels import apply_fold, plan_fold
-    from mpcompile.shapes import ShapeSpec
+    from mpcompile.io.shapes import ShapeSpec
     import onnx_ir as ir
 
     model = load_model(path).model
@@ -135,7 +135,7 @@ def _mpcompile(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_case(case: ModelCase, dynamo: bool, work: Path) -> CaseResult:
-    from mpcompile.model_io import load_model
+    from mpcompile.io.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
 
     result = CaseResult(case.name, "dynamo" if dynamo else "legacy")

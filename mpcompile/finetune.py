@@ -331,7 +331,7 @@ def finetune_bundled(
     import onnx
 
     import mpcompile
-    from mpcompile.checker import check_model
+    from mpcompile.checks.checker import check_model
     from mpcompile.zoo.bundled import bundled_info, evaluate_onnx_accuracy, write_split_npz
     from mpcompile.zoo.digits import load_bundled_module
 

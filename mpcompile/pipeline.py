@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mpcompile.analyze import Analysis, AnalyzeOptions, analyze_loaded
-from mpcompile.calibration import (
+from mpcompile.io.calibration import (
     CalibrationData,
     capture_layer_stats,
     load_calibration,
@@ -30,17 +30,17 @@ from mpcompile.calibration import (
     synthetic_inputs,
 )
 from mpcompile.errors import UnsupportedModelError, UsageError
-from mpcompile.model_checks import dense_model_errors, require_finite, require_finite_inputs
-from mpcompile.model_io import EXTERNAL_DATA_THRESHOLD, default_output_path, load_model
+from mpcompile.checks.model_checks import dense_model_errors, require_finite, require_finite_inputs
+from mpcompile.io.model_io import EXTERNAL_DATA_THRESHOLD, default_output_path, load_model
 from mpcompile.numerics.masks import MASK_METHODS, LayerStats, PackedMaskResult
 from mpcompile.numerics.spectrum_change import spectrum_change
-from mpcompile.outputs import RunOutputs, protected_files
+from mpcompile.io.outputs import RunOutputs, protected_files
 from mpcompile.passes.gemm_discovery import GemmLayer, discover_gemms
 from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask, restore_dense, write_matrix
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS, ApplyUnstructuredPruningPass
-from mpcompile.selection import MEASURED_ORDERS, Selection, rank_by_measurement, select_layers
-from mpcompile.shapes import ShapeSpec
-from mpcompile.validate import OutputComparison, compare_all_outputs, relative_drift
+from mpcompile.selection.orders import MEASURED_ORDERS, Selection, rank_by_measurement, select_layers
+from mpcompile.io.shapes import ShapeSpec
+from mpcompile.checks.validate import OutputComparison, compare_all_outputs, relative_drift
 
 __all__ = ["CompileOptions", "CompileResult", "ProgressFactory", "compile_model"]
 
@@ -120,7 +120,7 @@ class CompileResult:
     notes: list[str] = field(default_factory=list)
     speedup: list[dict[str, Any]] = field(default_factory=list)
     output_files: list[Any] = field(default_factory=list)
-    """:class:`~mpcompile.outputs.FileRecord` of every file the output model consists of."""
+    """:class:`~mpcompile.io.outputs.FileRecord` of every file the output model consists of."""
     committed: bool = True
     """False when the check failed: then nothing was written under the output's final name."""
     _spectra: dict[str, dict[str, float | int]] | None = field(default=None, repr=False)
@@ -132,7 +132,7 @@ class CompileResult:
         return self._spectra
 
     def to_dict(self) -> dict[str, Any]:
-        from mpcompile.report import report_header
+        from mpcompile.report.json_report import report_header
 
         masks = {m.layer: m for m in self.masks}
         spectra = self.spectra()
@@ -237,7 +237,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     loaded = load_model(path)
     files.protect(protected_files(loaded.path, loaded.proto))
     input_external = any(t.data_location == 1 for t in loaded.proto.graph.initializer)
-    from mpcompile.user_checks import check_dim_names
+    from mpcompile.checks.user_checks import check_dim_names
 
     check_dim_names(loaded.model, opts.shape_spec.dims)
 
@@ -249,7 +249,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     with progress("MP fit", layers_total) as advance:
         analysis = analyze_loaded(loaded, spec, opts.analyze, advance)
     timings["analyze"] = time.perf_counter() - t0
-    from mpcompile.user_checks import check_layer_names
+    from mpcompile.checks.user_checks import check_layer_names
 
     check_layer_names("--exclude", opts.exclude, [a.name for a in analysis.result.layers])
 
@@ -288,7 +288,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     target = 1.0 if opts.max_drift is not None or measured_order else opts.target
     unprofitable: dict[str, str] = {}
     if opts.only_profitable:
-        from mpcompile.speedup import unprofitable_layers
+        from mpcompile.trt.speedup import unprofitable_layers
 
         unprofitable = unprofitable_layers(analysis.result.layers, opts.only_profitable, analysis.shapes)
         notes.append(f"--only-profitable {opts.only_profitable}: {len(unprofitable)} eligible layers kept dense, "
@@ -416,7 +416,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     timings["write"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from mpcompile.checker import check_model
+    from mpcompile.checks.checker import check_model
 
     check = check_model(staged)
     check.path = str(out_path)
@@ -432,7 +432,7 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
                      + "); pass real inputs with --eval-data or --calib")
     timings["validate"] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    from mpcompile.speedup import shape_set_speedups
+    from mpcompile.trt.speedup import shape_set_speedups
 
     precision = "fp16" if opts.fp16 else "fp32"
     specs = opts.speedup_shape_specs if len(opts.speedup_shape_specs) > 1 else [analysis.shape_spec]

@@ -1,4 +1,4 @@
-"""Tests for the independent 2:4 checker (mpcompile.checker).
+"""Tests for the independent 2:4 checker (mpcompile.checks.checker).
 
 Models are built here with onnx.helper; pruning and the reference group counter are written
 again in this file (loops, not the checker's vectorised code) so a shared bug cannot hide.
@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.checker import (
+from mpcompile.checks.checker import (
     SPARSITY_KEY,
     CheckReport,
     check_model,

@@ -14,12 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.calibration import synthetic_inputs
+from mpcompile.io.calibration import synthetic_inputs
 from mpcompile.cli import main
 from mpcompile.errors import UsageError
 from mpcompile.pipeline import CompileOptions, compile_model
-from mpcompile.shapes import ShapeSpec
-from mpcompile.validate import compare_all_outputs, degenerate_reason
+from mpcompile.io.shapes import ShapeSpec
+from mpcompile.checks.validate import compare_all_outputs, degenerate_reason
 
 RNG = np.random.default_rng(0)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mpcompile.user_checks import refuse_torch_file
+from mpcompile.checks.user_checks import refuse_torch_file
 
 __all__ = ["onnx_input"]
 

@@ -24,7 +24,7 @@ from mpcompile.errors import UsageError
 from mpcompile.numerics.im2col import im2col_rows
 from mpcompile.numerics.masks import LayerStats, upper_row_start
 from mpcompile.passes.gemm_discovery import GemmLayer
-from mpcompile.shapes import ShapeSpec
+from mpcompile.io.shapes import ShapeSpec
 
 __all__ = [
     "MAX_ROWS_PER_SAMPLE",
@@ -155,7 +155,7 @@ def load_calibration(path: str | os.PathLike, model: ir.Model, *, limit: int | N
     counts = {a.shape[0] for a in inputs.values()}
     if len(counts) != 1:
         raise UsageError(f"--calib {p}: inputs have different sample counts {sorted(counts)}")
-    from mpcompile.user_checks import check_input_arrays, check_labels
+    from mpcompile.checks.user_checks import check_input_arrays, check_labels
 
     check_input_arrays(f"--calib {p}", model, inputs)
     if labels is not None:

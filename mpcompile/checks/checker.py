@@ -194,7 +194,7 @@ def _load(path: Path) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a file")
     try:
         if path.stat().st_size > STREAM_LOAD_BYTES:
-            from mpcompile.proto_stream import load_skeleton
+            from mpcompile.io.proto_stream import load_skeleton
 
             model = load_skeleton(path)  # weights stay in the file, read one at a time
         else:
@@ -204,7 +204,7 @@ def _load(path: Path) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a readable ONNX model ({first})") from exc
     if not model.HasField("graph") or model.ir_version == 0:
         raise InvalidModelError(f"{path}: not an ONNX model (no graph or IR version)")
-    from mpcompile.model_checks import check_text_fields, validate_tensors
+    from mpcompile.checks.model_checks import check_text_fields, validate_tensors
 
     check_text_fields(model, str(path))
     validate_tensors(model, path.parent, inline_data=path.stat().st_size <= STREAM_LOAD_BYTES)
