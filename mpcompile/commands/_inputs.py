@@ -26,7 +26,7 @@ def onnx_input(path: str) -> Iterator[str]:
         from mpcompile.errors import InvalidModelError
 
         raise InvalidModelError(f"{path}: no such file")
-    from mpcompile.api import to_onnx_path
+    from mpcompile.io.model_forms import to_onnx_path
 
     work = tempfile.mkdtemp(prefix="mpcompile-pt2-")
     try:
