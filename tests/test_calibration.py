@@ -7,7 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from mpcompile.io.calibration import ModelRunner, capture_layer_stats, layer_rows, run_model
+from mpcompile.io.calibration import ModelRunner, run_model
+from mpcompile.io.capture import capture_layer_stats, layer_rows
 from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 from mpcompile.passes.sparsify_24 import write_matrix

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpcompile.checks.model_checks import dense_model_errors, require_finite
-from mpcompile.io.calibration import capture_layer_stats
+from mpcompile.io.capture import capture_layer_stats
 from mpcompile.stages.options import DATA_METHODS
 from mpcompile.stages.state import CompileState
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from mpcompile.numerics.masks import LayerStats, PackedMaskResult
+from mpcompile.numerics.layer_stats import LayerStats
+from mpcompile.numerics.masks import PackedMaskResult
 from mpcompile.passes.gemm_discovery import GemmLayer
 from mpcompile.stages.options import DATA_METHODS
 
