@@ -97,8 +97,8 @@ def test_layer_group_over_chunks_calibrates_later_layers_on_the_sparse_model(cal
     # The dense weights are the same; the calibration that chose the masks is not.
     for name in later:
         np.testing.assert_array_equal(sequential["dense"][name], one_shot["dense"][name])
-    assert any(not np.array_equal(sequential["sparse"][n], one_shot["sparse"][n]) for n in later) or \
-        sequential["validation"] != one_shot["validation"]
+    changed = sum(int(np.count_nonzero(sequential["sparse"][n] != one_shot["sparse"][n])) for n in later)
+    assert changed > 0  # (332 of 8192 entries of the second Gemm on this model and split)
 
 
 def test_calibrate_over_a_scope_captures_only_those_layers_and_sees_earlier_masks(calib):
