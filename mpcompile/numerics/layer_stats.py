@@ -1,6 +1,6 @@
 """Per-layer calibration statistics: the input second moment ``XᵀX / rows`` every mask method reads.
 
-Why its own module: capture (``io/calibration.py``), the permutation judge and every mask
+Why its own module: capture (``io/capture.py``), the permutation judge and every mask
 method share it, and it carries its own storage scheme (packed upper triangle, compact
 permuted views) that has nothing to do with choosing a mask.
 """
