@@ -78,11 +78,11 @@ def fold_error(path: Path, seed: int = 1) -> tuple[int, float]:
     some random-weight models have a degenerate output (torchvision's ViT zero-initialises its
     head, so every logit is 0 and the graph outputs alone would report a perfect 0.0).
     """
-    from mpcompile.calibration import ModelRunner, synthetic_inputs
-    from mpcompile.model_io import load_model
+    from mpcompile.io.calibration import ModelRunner, synthetic_inputs
+    from mpcompile.io.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
     from mpcompile.passes.permute_channels import apply_fold, plan_fold
-    from mpcompile.shapes import ShapeSpec
+    from mpcompile.io.shapes import ShapeSpec
 
     model = load_model(path).model
     data = synthetic_inputs(model, ShapeSpec(), samples=2, seed=seed)
@@ -146,7 +146,7 @@ def _mpcompile(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_case(case: ModelCase, dynamo: bool, work: Path) -> CaseResult:
-    from mpcompile.model_io import load_model
+    from mpcompile.io.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
 
     result = CaseResult(case.name, "dynamo" if dynamo else "legacy")

@@ -10,11 +10,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mpcompile.model_checks import require_usable_weights
-from mpcompile.model_io import LoadedModel, load_model
+from mpcompile.checks.model_checks import require_usable_weights
+from mpcompile.io.model_io import LoadedModel, load_model
 from mpcompile.passes.fold_constant_weights import fold_constant_weight_reshapes
 from mpcompile.passes.spectral_analysis import ANALYSIS_META_KEY, AnalysisResult, AnnotateSpectralPass
-from mpcompile.shapes import ShapeSpec, infer_static_shapes
+from mpcompile.io.shapes import ShapeSpec, infer_static_shapes
 
 __all__ = ["AnalyzeOptions", "Analysis", "analyze_model", "analyze_loaded", "weights_to_analyze"]
 

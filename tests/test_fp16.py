@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.checker import SPARSITY_KEY, check_model
-from mpcompile.model_io import save_model
+from mpcompile.checks.checker import SPARSITY_KEY, check_model
+from mpcompile.io.model_io import save_model
 from mpcompile.passes.fp16 import FP16_MAX, ConvertToFloat16Pass
 from mpcompile.passes.gemm_discovery import discover_gemms
 

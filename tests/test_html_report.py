@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 
-from mpcompile.html_report import render_html
+from mpcompile.report.html import render_html
 from mpcompile.pipeline import CompileOptions, compile_model
-from mpcompile.shapes import ShapeSpec
+from mpcompile.io.shapes import ShapeSpec
 
 DATA = Path(__file__).resolve().parents[1] / "mpcompile" / "data"
 
@@ -38,7 +38,7 @@ def test_html_headline_tables_and_next_command(tmp_path):
 def test_install_hint_keeps_its_brackets_through_rich(capsys):
     from rich.markup import escape
 
-    from mpcompile.console import stderr_console
+    from mpcompile.report.console import stderr_console
     from mpcompile.errors import OptionalDependencyError
 
     message = str(OptionalDependencyError("matplotlib", "plots", "the HTML report"))

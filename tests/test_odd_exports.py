@@ -14,12 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.calibration import synthetic_inputs
+from mpcompile.io.calibration import synthetic_inputs
 from mpcompile.cli import main
 from mpcompile.errors import UsageError
 from mpcompile.pipeline import CompileOptions, compile_model
-from mpcompile.shapes import ShapeSpec
-from mpcompile.validate import compare_all_outputs, degenerate_reason
+from mpcompile.io.shapes import ShapeSpec
+from mpcompile.checks.validate import compare_all_outputs, degenerate_reason
 
 RNG = np.random.default_rng(0)
 
@@ -220,7 +220,7 @@ def test_tf_style_reshaped_constant_weight_is_found_and_compiled(tmp_path):
     )
     path = _save(graph, tmp_path / "tf.onnx")
     from mpcompile.analyze import weights_to_analyze
-    from mpcompile.model_io import load_model
+    from mpcompile.io.model_io import load_model
 
     assert weights_to_analyze(load_model(path)) == 1  # the progress bar's total counts it too
     result = compile_model(path, CompileOptions(output=str(tmp_path / "o.onnx"), permute=False))

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 import _subgraph_models as models  # noqa: E402
 
-from mpcompile.checker import check_model, check_proto  # noqa: E402
+from mpcompile.checks.checker import check_model, check_proto  # noqa: E402
 from mpcompile.cli import main  # noqa: E402
 from mpcompile.passes.gemm_discovery import discover_gemms  # noqa: E402
 from mpcompile.passes.permute_channels import SUBGRAPH_REASON  # noqa: E402

@@ -17,10 +17,10 @@ from mpcompile.commands._args import (
     analyze_options_from_args,
     shape_spec_from_args,
 )
-from mpcompile.console import format_count, format_float, progress_callback, stderr_console, stdout_console
-from mpcompile.model_io import load_model
-from mpcompile.outputs import RunOutputs, protected_files
-from mpcompile.report import dumps, report_header
+from mpcompile.report.console import format_count, format_float, progress_callback, stderr_console, stdout_console
+from mpcompile.io.model_io import load_model
+from mpcompile.io.outputs import RunOutputs, protected_files
+from mpcompile.report.json_report import dumps, report_header
 
 __all__ = ["register", "run", "analysis_report", "render_analysis_table"]
 
@@ -62,7 +62,7 @@ def run_analysis(args: argparse.Namespace, model_path: str) -> Analysis:
     err = stderr_console(quiet=getattr(args, "quiet", False))
     loaded = load_model(model_path)
     spec = shape_spec_from_args(args)
-    from mpcompile.user_checks import check_dim_names
+    from mpcompile.checks.user_checks import check_dim_names
 
     check_dim_names(loaded.model, spec.dims)
     with progress_callback(err, "MP fit", weights_to_analyze(loaded), enabled=not args.json) as advance:

@@ -316,7 +316,7 @@ def render_html(report: dict[str, Any], analysis_layers=None) -> str:
 
 def write_reports(report: dict[str, Any], stem: str | os.PathLike, analysis_layers=None) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.html`` atomically; returns both paths."""
-    from mpcompile.report import write_text
+    from mpcompile.report.json_report import write_text
 
     md_path = write_text(render_markdown(report), f"{stem}.md")
     html_path = write_text(render_html(report, analysis_layers), f"{stem}.html")
