@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mpcompile.cli import main
-from mpcompile.figures import macs_cell, macs_summary, selection_summary, speedup_summary
+from mpcompile.report.figures import macs_cell, macs_summary, selection_summary, speedup_summary
 
 DATA = Path(__file__).resolve().parent.parent / "mpcompile" / "data"
 

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from mpcompile.commands._args import add_shape_args, shape_spec_from_args, shape_specs_from_args
-from mpcompile.console import stderr_console, stdout_console
+from mpcompile.report.console import stderr_console, stdout_console
 from mpcompile.errors import EXIT_NO_BACKEND, UsageError
-from mpcompile.figures import speedup_summary
-from mpcompile.report import report_header, write_json
+from mpcompile.report.figures import speedup_summary
+from mpcompile.report.json_report import report_header, write_json
 
 __all__ = ["register", "run"]
 
@@ -62,8 +62,8 @@ def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, 
     """Modeled speedups at the precision the model stores (what TensorRT will build), one row
     per shape set and GPU."""
     from mpcompile.analyze import AnalyzeOptions, analyze_model
-    from mpcompile.checker import check_model
-    from mpcompile.speedup import model_precision, shape_set_speedups
+    from mpcompile.checks.checker import check_model
+    from mpcompile.trt.speedup import model_precision, shape_set_speedups
 
     marked = {c.node for c in check_model(model_path).layers if c.marked}
     analysis = analyze_model(model_path, shape_spec_from_args(args), AnalyzeOptions(annotate=False))
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from mpcompile.trt.gpu_probe import gpu_available
 
     err = stderr_console(args.quiet)
-    from mpcompile.outputs import RunOutputs, model_files
+    from mpcompile.io.outputs import RunOutputs, model_files
 
     out = Path(args.output or str(Path(args.model).with_suffix("")) + ".build.json")
     guard = RunOutputs([*model_files(args.model), *(model_files(args.dense) if args.dense else [])], force=True)
@@ -174,8 +174,8 @@ def _revert(model: Path, dense: Path, nodes: list[str], args: argparse.Namespace
 def _dense_at_same_precision(model: Path, dense: Path) -> tuple[Path, dict[str, str]]:
     """The dense reference at the sparse model's precision, so the measured ratio is the 2:4
     gain and not FP32→FP16: an FP32 original of an ``--fp16`` model gets the same FP16 pass."""
-    from mpcompile.model_io import load_model, save_model
-    from mpcompile.speedup import model_precision
+    from mpcompile.io.model_io import load_model, save_model
+    from mpcompile.trt.speedup import model_precision
 
     sparse_prec = model_precision(load_model(model).model)
     loaded = load_model(dense).model
@@ -197,8 +197,8 @@ def _dense_at_same_precision(model: Path, dense: Path) -> tuple[Path, dict[str, 
 def _engine_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Legal timing inputs at the given shapes: the generator calibration uses (token ids below
     the embedding table's rows, masks of ones, N(0,1) floats), not N(0,1) for every input."""
-    from mpcompile.calibration import synthetic_inputs
-    from mpcompile.model_io import load_model
+    from mpcompile.io.calibration import synthetic_inputs
+    from mpcompile.io.model_io import load_model
 
     spec = shape_spec_from_args(args)
     model = load_model(args.model).model

@@ -17,16 +17,16 @@ from mpcompile.commands._args import (
     shape_spec_from_args,
     shape_specs_from_args,
 )
-from mpcompile.console import progress_callback, stderr_console, stdout_console
+from mpcompile.report.console import progress_callback, stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
-from mpcompile.figures import macs_cell, selection_summary, speedup_summary
-from mpcompile.model_io import default_output_path
 from mpcompile.numerics.masks import MASK_METHODS
-from mpcompile.outputs import RunOutputs, protected_files
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
-from mpcompile.report import dumps
-from mpcompile.selection import ORDERS
+from mpcompile.io.model_io import default_output_path
+from mpcompile.io.outputs import RunOutputs, protected_files
+from mpcompile.report.figures import macs_cell, selection_summary, speedup_summary
+from mpcompile.report.json_report import dumps
+from mpcompile.selection.orders import ORDERS
 
 __all__ = ["register", "run", "options_from_args", "render_compile_summary"]
 
@@ -188,7 +188,7 @@ def render_compile_summary(result: CompileResult, console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Model, JSON, Markdown and HTML reports are one run: all staged, committed together only
-    when the independent check passes (see :mod:`mpcompile.outputs`)."""
+    when the independent check passes (see :mod:`mpcompile.io.outputs`)."""
     from mpcompile.commands._inputs import onnx_input
 
     err = stderr_console(args.quiet)
@@ -236,8 +236,8 @@ def _write_human_reports(report, staged_stem: str, stem: str, result: CompileRes
     from rich.markup import escape
 
     from mpcompile.errors import OptionalDependencyError
-    from mpcompile.html_report import render_markdown, write_reports
-    from mpcompile.report import write_text
+    from mpcompile.report.html import render_markdown, write_reports
+    from mpcompile.report.json_report import write_text
 
     try:
         write_reports(report, staged_stem, result.analysis.result.layers)

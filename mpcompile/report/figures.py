@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpcompile.console import format_count
+from mpcompile.report.console import format_count
 
 __all__ = ["UNKNOWN", "macs_cell", "macs_summary", "selection_summary", "speedup_summary", "unknown_macs_note"]
 

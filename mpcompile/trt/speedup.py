@@ -111,7 +111,7 @@ def shape_set_speedups(
     The spectral analysis is done once; only shape inference is redone per set, since the
     MAC count and every roofline depend on M (batch × tokens) alone.
     """
-    from mpcompile.shapes import infer_static_shapes
+    from mpcompile.io.shapes import infer_static_shapes
 
     rows: list[dict[str, Any]] = []
     for spec in specs:
