@@ -198,7 +198,7 @@ def _markdown(results: list[CaseResult], quick: bool, only: list[str] | None = N
              "GEMM/Conv; fold error = max |Δ| / max(1, max |output|) over the graph outputs and every fold "
              "consumer's output, after random permutations folded into every foldable layer (before pruning).", "",
              f"Last updated {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by "
-             f"`python benchmarks/conformance.py {' '.join(sys.argv[1:])}`.", "",
+             f"`{' '.join(['python benchmarks/conformance.py', *sys.argv[1:]])}`.", "",
              "| model | exporter | status | found | compile | check | folded | fold error | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
