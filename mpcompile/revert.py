@@ -155,7 +155,7 @@ def _precision(model: ir.Model) -> str:
 
 
 def _drift(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    from mpcompile.validate import relative_drift
+    from mpcompile.checks.validate import relative_drift
 
     return max(relative_drift(r, o) for r, o in zip(reference, outputs))
 
@@ -176,9 +176,9 @@ def revert_dense_weights(
         output: where to write (default ``<sparse>.reverted.onnx``); None result.model only
             when ``output`` is the empty string.
     """
-    from mpcompile.calibration import run_model, synthetic_inputs
-    from mpcompile.model_io import load_model, save_model
-    from mpcompile.shapes import ShapeSpec
+    from mpcompile.io.calibration import run_model, synthetic_inputs
+    from mpcompile.io.model_io import load_model, save_model
+    from mpcompile.io.shapes import ShapeSpec
 
     nodes = list(nodes)
     dense = load_model(dense_path).model

@@ -13,6 +13,9 @@ every use of a region tensor must be a consumer GEMM or another equivariant op w
 non-constant inputs are all in the region. Anything else (a residual Add whose other operand
 comes from elsewhere, a Reshape into heads, a Concat, a graph output) would see the new order
 and change the model's function, so it blocks the fold with a reason.
+
+Length (~450 lines): the reach walk and its blocking rules are one algorithm over one region;
+split, each half would need the other's private state to be read.
 """
 
 from __future__ import annotations

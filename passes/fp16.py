@@ -13,6 +13,13 @@ Constant / ConstantOfShape / Cast(to=float) follow their consumers. Casts are in
 where a value's new dtype differs from what its consumer needs, one Cast per (value, dtype).
 Elementwise nodes sandwiched between FP32 nodes stay FP32 (no Cast ping-pong inside a
 decomposed LayerNorm). Zeros stay exactly zero (FP16 has a signed zero), so 2:4 patterns survive.
+
+Control flow (If/Loop/Scan): the node and its bodies stay FP32, the top-level graph around them
+is converted. A body reads outer values by name, not through the node's inputs, so every outer
+value a body reads is planned as an FP32 input of that body: it keeps FP32 when only bodies
+read it, or the body reads an FP32 Cast of it inserted before the control-flow node. Layers
+inside bodies therefore stay FP32 (and dense in a strongly typed TensorRT build); the summary
+counts the nodes so the compile can say so.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from mpcompile.passes._names import UniqueNamer
-from mpcompile.errors import UnsupportedModelError
 
 __all__ = ["ConvertToFloat16Pass", "Fp16Summary", "DEFAULT_KEEP_FP32_OPS", "FP16_MAX"]
 
@@ -77,6 +83,7 @@ class Fp16Summary:
         fp32_nodes: op type → count of nodes left in float32 (kept, unknown or sandwiched).
         overflowed: constant entries clipped to ±65504.
         underflowed: nonzero constant entries that became zero in float16.
+        control_flow_nodes: If/Loop/Scan nodes whose bodies were left in float32.
     """
 
     initializers: int = 0
@@ -85,6 +92,7 @@ class Fp16Summary:
     fp32_nodes: Counter = field(default_factory=Counter)
     overflowed: int = 0
     underflowed: int = 0
+    control_flow_nodes: int = 0
 
 
 class ConvertToFloat16Pass(ir.passes.InPlacePass):
@@ -106,13 +114,6 @@ class ConvertToFloat16Pass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for node in graph:
-            if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                   for a in node.attributes.values()):
-                raise UnsupportedModelError(
-                    f"FP16 conversion does not handle control flow: node "
-                    f"'{node.name or node.op_type}' ({node.op_type}) has a subgraph"
-                )
         if _has_untyped_values(graph):
             ShapeInferencePass(strict_mode=False)(model)
         self.summary = Fp16Summary()
@@ -224,11 +225,38 @@ def _is_follower(node: ir.Node) -> bool:
     return len(node.outputs) == 1 and node.outputs[0].dtype == FLOAT
 
 
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
+def _outer_reads(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node, int]]:
+    """(top-level control-flow node, body node, input index) for each body input that is a
+    value of ``graph`` itself: what the bodies read from the converted scope."""
+    reads = []
+    for top in graph:
+        for body in _subgraphs(top):
+            for inner in ir.traversal.RecursiveGraphIterator(body):
+                for index, value in enumerate(inner.inputs):
+                    if value is not None and value.graph is graph:
+                        reads.append((top, inner, index))
+    return reads
+
+
 def _apply(graph: ir.Graph, plan: _Plan, summary: Fp16Summary) -> bool:
     nodes = list(graph)
     # everything is decided on the original dtypes, before the first mutation
-    needs = [(node, index, need) for node in nodes for index in range(len(node.inputs))
+    needs = [(node, index, need, node) for node in nodes for index in range(len(node.inputs))
              if (need := plan.needs(node, index)) is not None]
+    # bodies stay FP32: what they read from this scope is an FP32 input, cast before their node
+    needs += [(inner, index, FLOAT, top) for top, inner, index in _outer_reads(graph)
+              if inner.inputs[index].dtype == FLOAT]
+    summary.control_flow_nodes = sum(1 for node in nodes if _subgraphs(node))
     float_outputs = [v.dtype == FLOAT for v in graph.outputs]
     targets = {}
     for value in (*graph.inputs, *graph.initializers.values()):
@@ -256,7 +284,7 @@ def _apply(graph: ir.Graph, plan: _Plan, summary: Fp16Summary) -> bool:
     # 2. casts where a consumer needs another dtype than its input now has
     namer = UniqueNamer(graph)
     casts: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
-    for node, index, need in needs:
+    for node, index, need, anchor in needs:
         value = node.inputs[index]
         assert value is not None
         if value.dtype == need:
@@ -264,8 +292,11 @@ def _apply(graph: ir.Graph, plan: _Plan, summary: Fp16Summary) -> bool:
         key = (value, need)
         if key not in casts:
             casts[key] = _cast(value, need, namer)
-            graph.insert_before(node, casts[key].producer())
+            graph.insert_before(anchor, casts[key].producer())
             summary.casts += 1
+        elif anchor is not node and _position(graph, casts[key].producer()) > _position(graph, anchor):
+            graph.remove(casts[key].producer())  # made for a later node: move it before this one
+            graph.insert_before(anchor, casts[key].producer())
         node.replace_input_with(index, casts[key])
 
     # 3. graph boundary: float32 outputs when keep_io_types (float16 otherwise)
@@ -283,6 +314,10 @@ def _apply(graph: ir.Graph, plan: _Plan, summary: Fp16Summary) -> bool:
         summary.casts += 1
     return bool(summary.initializers or summary.constants or summary.casts
                 or any(t == FLOAT16 for t in targets.values()))
+
+
+def _position(graph: ir.Graph, node: ir.Node) -> int:
+    return next(i for i, item in enumerate(graph) if item is node)
 
 
 def _convert_follower(node: ir.Node, summary: Fp16Summary) -> None:

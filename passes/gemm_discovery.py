@@ -3,7 +3,7 @@
 Why this is its own module: every later stage (spectral fit, mask writing, permutation,
 reports) must agree on *which* nodes are GEMMs and on the ``out × reduction`` matrix view
 of their weights, because a 2:4 mask written along the wrong axis is the most common silent
-failure of existing tools. The independent checker (``mpcompile.checker``) deliberately
+failure of existing tools. The independent checker (``mpcompile.checks.checker``) deliberately
 re-derives the same facts without importing this module.
 
 Matrix view (DESIGN §3):

@@ -62,7 +62,7 @@ class _Geometry:
 class _Builder:
     """Collects the new nodes and constants of one lowering, all named under ``prefix``."""
 
-    graph: ir.Graph
+    graph: ir.Graph  # the top-level graph: it holds the new constants, which bodies read by name
     namer: UniqueNamer
     prefix: str
     nodes: list[ir.Node] = field(default_factory=list)
@@ -95,7 +95,8 @@ class LowerConvToIm2colPass(ir.passes.InPlacePass):
     spatial size, and models below opset 11.
 
     Attributes:
-        nodes: the Conv nodes to lower; None lowers every eligible Conv of the top-level graph.
+        nodes: the Conv nodes to lower (inside If/Loop/Scan bodies too); None lowers every
+            eligible Conv of the top-level graph.
         lowered: filled by each run: what was rewritten.
         skipped: filled by each run: ``(node name, reason)`` for each Conv left alone.
     """
@@ -138,8 +139,6 @@ def _refusal(node: ir.Node, layer: GemmLayer | None, graph: ir.Graph, opset: int
     """Why ``node`` cannot be lowered, or '' if it can."""
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
         return f"not an ONNX Conv ({node.domain or 'ai.onnx'}::{node.op_type})"
-    if node.graph is not graph:
-        return "not in the top-level graph"
     if opset < _MIN_OPSET:
         return f"opset {opset} < {_MIN_OPSET}"
     if layer is None:
@@ -252,8 +251,11 @@ def _lower(graph: ir.Graph, node: ir.Node, name: str, layer: GemmLayer, geo: _Ge
     old_out = node.outputs[0]
     new_out = b.nodes[-1].outputs[0]
     namer.used.discard(new_out.name)  # the conv's output name moves over to the new value
-    ir.convenience.replace_nodes_and_values(graph, node, [node], b.nodes, [old_out], [new_out])
-    _drop_if_unused(graph, weight_in)
+    # A conv inside an If/Loop/Scan body is replaced in its body; its weight (an outer-scope
+    # initializer or a body Constant) is dropped from wherever it lives once nothing reads it.
+    body = node.graph or graph
+    ir.convenience.replace_nodes_and_values(body, node, [node], b.nodes, [old_out], [new_out])
+    _drop_if_unused(weight_in.graph or body, weight_in)
     return LoweredConv(name, matmul, w_value)
 
 

@@ -22,6 +22,9 @@ the fold's readers are rewired (their Transpose/Cast chain is cloned). Arrays ar
 modified in place. Where folding is blocked, ``insert_gather`` (``--allow-gather``) puts an
 explicit Gather on the channel axis before the consumers instead; that costs a copy at run
 time, so it is recorded in ``metadata_props`` and in the pass's records.
+
+Length (~430 lines): planning and applying a fold share the edit list of one region; they
+stay together so a plan can never be applied by code that reads it differently.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 import mpcompile
 from mpcompile.errors import UsageError
-from mpcompile.model_io import load_model
+from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 
 torch = pytest.importorskip("torch")

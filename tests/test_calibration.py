@@ -7,8 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from mpcompile.calibration import ModelRunner, capture_layer_stats, layer_rows, run_model
-from mpcompile.model_io import load_model
+from mpcompile.io.calibration import ModelRunner, run_model
+from mpcompile.io.capture import capture_layer_stats, layer_rows
+from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 from mpcompile.passes.sparsify_24 import write_matrix
 from mpcompile.zoo.bundled import bundled_info, bundled_model_path
@@ -54,7 +55,7 @@ def test_runner_leaves_the_model_as_it_was_and_sees_rewritten_weights() -> None:
 def test_capture_in_one_pass_equals_the_gram_of_the_exposed_inputs() -> None:
     model = load_model(bundled_model_path("digits_vit")).model
     layers = [layer for layer in discover_gemms(model) if layer.eligible]
-    from mpcompile.calibration import CalibrationData
+    from mpcompile.io.calibration import CalibrationData
 
     data = CalibrationData(inputs=_inputs("digits_vit", samples=10), source="test")
     # A tiny output budget forces one-sample batches after the probe; the statistics must not depend on it.
@@ -74,7 +75,7 @@ def test_capture_in_one_pass_equals_the_gram_of_the_exposed_inputs() -> None:
 
 
 def test_run_model_concatenates_batches() -> None:
-    from mpcompile.calibration import CalibrationData
+    from mpcompile.io.calibration import CalibrationData
 
     model = load_model(bundled_model_path("digits_cnn")).model
     data = CalibrationData(inputs=_inputs("digits_cnn", samples=11), source="test")

@@ -1,4 +1,4 @@
-"""Tests for the independent 2:4 checker (mpcompile.checker).
+"""Tests for the independent 2:4 checker (mpcompile.checks.checker).
 
 Models are built here with onnx.helper; pruning and the reference group counter are written
 again in this file (loops, not the checker's vectorised code) so a shared bug cannot hide.
@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.checker import (
+from mpcompile.checks.checker import (
     SPARSITY_KEY,
     CheckReport,
     check_model,
@@ -574,3 +574,21 @@ def test_agrees_with_polygraphy_on_wrong_axis_and_flattened_conv(tmp_path):
     ours = {layer.weight: layer.legal for layer in check_model(path).layers}
     assert ours == {"mm_w": False, "gemm_b1": False, "conv_w": False, "conv_ok": True}
     assert _polygraphy_verdicts(path) == ours
+
+
+def test_checker_modules_stay_independent_of_the_rewrite_code():
+    """The checker re-derives every axis itself: neither of its modules may import onnx_ir,
+    mpcompile.numerics or mpcompile.passes (the code that writes the masks)."""
+    import ast
+    from pathlib import Path
+
+    import mpcompile.checks.checker as checker_mod
+
+    folder = Path(checker_mod.__file__).parent
+    for name in ("checker.py", "checker_graph.py"):
+        tree = ast.parse((folder / name).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert "onnx" in imported
+        forbidden = {m for m in imported if m.startswith(("onnx_ir", "mpcompile.numerics", "mpcompile.passes"))}
+        assert not forbidden, (name, forbidden)

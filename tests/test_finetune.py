@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mpcompile.checker import check_model
+from mpcompile.checks.checker import check_model
 from mpcompile.finetune import (
     FinetuneOptions,
     apply_masks,

@@ -9,9 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.checker import SPARSITY_KEY, check_model
-from mpcompile.errors import UnsupportedModelError
-from mpcompile.model_io import save_model
+from mpcompile.checks.checker import SPARSITY_KEY, check_model
+from mpcompile.io.model_io import save_model
 from mpcompile.passes.fp16 import FP16_MAX, ConvertToFloat16Pass
 from mpcompile.passes.gemm_discovery import discover_gemms
 
@@ -368,16 +367,41 @@ def test_graph_output_read_by_another_node_keeps_its_name():
     np.testing.assert_array_equal(b, -np.maximum(x, 0))
 
 
-def test_control_flow_is_refused_with_a_reason():
-    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
-                             [vi("t", TensorProto.FLOAT, ["N"])])
-    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
-                              [vi("e", TensorProto.FLOAT, ["N"])])
-    node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)
-    proto = make([node], [vi("c", TensorProto.BOOL, []), vi("x", TensorProto.FLOAT, ["N"])],
-                 [vi("y", TensorProto.FLOAT, ["N"])])
-    with pytest.raises(UnsupportedModelError, match="control flow"):
-        ConvertToFloat16Pass()(ir.serde.deserialize_model(proto))
+def _subgraph_bodies(node: ir.Node) -> list[ir.Graph]:
+    return [a.as_graph() for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+
+
+@pytest.mark.parametrize("build", ["if_gemm_model", "if_conv_model", "loop_model", "scan_model"])
+def test_control_flow_bodies_stay_fp32_and_the_model_runs(build):
+    """Bodies read outer values by name: the pass must cast what they read back to FP32."""
+    import _subgraph_models
+
+    proto = getattr(_subgraph_models, build)()
+    model = ir.serde.deserialize_model(proto)
+    pass_ = ConvertToFloat16Pass()
+    pass_(model)  # the Loop and Scan models compute everything in the body: nothing to convert
+    out = ir.serde.serialize_model(model)
+    assert pass_.summary.control_flow_nodes == 1
+    top = set(model.graph.initializers)
+    body_only = {v.name for v in model.graph.initializers.values()
+                 if v.uses() and all(u.node.graph is not model.graph for u in v.uses())}
+    for name in top:
+        value = model.graph.initializers[name]
+        if value.dtype in (FLOAT, FLOAT16):
+            assert value.dtype == (FLOAT if name in body_only else FLOAT16), name
+    if build == "if_gemm_model":  # h0 comes from the FP16 MatMul P: the branches read an FP32 Cast of it
+        (if_node,) = [n for n in model.graph if n.op_type == "If"]
+        reads = {v for g in _subgraph_bodies(if_node) for n in g for v in n.inputs if v is not None}
+        casts = [v for v in reads if v.producer() is not None and v.producer().op_type == "Cast"]
+        assert casts and all(v.dtype == FLOAT for v in casts)
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {}
+    for value in proto.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    for sign in (1.0, -1.0):  # both If branches
+        arrays = [sign * a for a in feeds.values()]
+        assert relative_error(run(out, *arrays)[0], run(proto, *arrays)[0]) < 2e-2
 
 
 def test_model_without_float_tensors_is_not_modified():
@@ -387,3 +411,19 @@ def test_model_without_float_tensors_is_not_modified():
     model = ir.serde.deserialize_model(proto)
     assert not ConvertToFloat16Pass()(model).modified
     assert [n.op_type for n in model.graph] == ["Add"]
+
+
+def test_compile_fp16_of_a_control_flow_model_says_bodies_stay_fp32(tmp_path):
+    """Was: exit 4 'FP16 conversion does not handle control flow'."""
+    import _subgraph_models
+
+    from mpcompile.pipeline import CompileOptions, compile_model
+
+    onnx.save(_subgraph_models.if_gemm_model(), tmp_path / "if.onnx")
+    result = compile_model(tmp_path / "if.onnx", CompileOptions(output=str(tmp_path / "o.onnx"), fp16=True))
+    assert result.check_ok and result.validation.relative_l2 < 1.0
+    note = next(n for n in result.notes if n.startswith("--fp16 leaves If/Loop/Scan bodies in FP32"))
+    assert "then_mm" in note or "else_mm" in note
+    saved = onnx.load(tmp_path / "o.onnx")
+    dtypes = {t.name: t.data_type for t in saved.graph.initializer}
+    assert dtypes["w0"] == TensorProto.FLOAT16 and dtypes["w_shared"] == TensorProto.FLOAT

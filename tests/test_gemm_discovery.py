@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.model_io import load_model
+from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
-from mpcompile.shapes import ShapeSpec, infer_static_shapes
+from mpcompile.io.shapes import ShapeSpec, infer_static_shapes
 
 torch = pytest.importorskip("torch")
 

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 
-from mpcompile.html_report import render_html
+from mpcompile.report.html import render_html
 from mpcompile.pipeline import CompileOptions, compile_model
-from mpcompile.shapes import ShapeSpec
+from mpcompile.io.shapes import ShapeSpec
 
 DATA = Path(__file__).resolve().parents[1] / "mpcompile" / "data"
 
@@ -23,7 +23,7 @@ def test_html_headline_tables_and_next_command(tmp_path):
     page = render_html(report, result.analysis.result.layers)
     headline = page[page.index("<div class=headline>"):page.index("</div>")]
     assert f"{report['selection']['sparse_layers']} layers made 2:4" in headline
-    assert "output drift" in headline and "Amdahl bound" in headline
+    assert "relative L2 drift" in headline and "Amdahl bound" in headline
     assert headline.count("FP32") >= 4 and "batch=1" in headline and "batch=64" in headline
     assert "trtexec --onnx=mlp.sparse.onnx --sparsity=enable" in headline
     assert "mpcompile build mlp.sparse.onnx --dense mlp.onnx" in headline
@@ -38,7 +38,7 @@ def test_html_headline_tables_and_next_command(tmp_path):
 def test_install_hint_keeps_its_brackets_through_rich(capsys):
     from rich.markup import escape
 
-    from mpcompile.console import stderr_console
+    from mpcompile.report.console import stderr_console
     from mpcompile.errors import OptionalDependencyError
 
     message = str(OptionalDependencyError("matplotlib", "plots", "the HTML report"))

@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.checker import SPARSITY_KEY, check_model
-from mpcompile.model_io import load_model, save_model
+from mpcompile.checks.checker import SPARSITY_KEY, check_model
+from mpcompile.io.model_io import load_model, save_model
 from mpcompile.numerics.im2col import im2col_rows
 from mpcompile.passes.im2col_lowering import LowerConvToIm2colPass
 

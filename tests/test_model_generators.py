@@ -22,7 +22,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from benchmarks.model_generators import ResNetConfig, ViTConfig, write_resnet, write_vit  # noqa: E402
-from mpcompile.model_io import load_model  # noqa: E402
+from mpcompile.io.model_io import load_model  # noqa: E402
 from mpcompile.numerics.mp_law import fit_mp  # noqa: E402
 from mpcompile.passes.gemm_discovery import discover_gemms  # noqa: E402
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mpcompile.cli import main
 from mpcompile.errors import EXIT_BAD_INPUT, EXIT_UNSUPPORTED, ExternalDataError, InvalidModelError, UsageError
-from mpcompile.model_io import load_model, save_model
+from mpcompile.io.model_io import load_model, save_model
 
 
 def _mlp(tmp_path, name="m.onnx", external=False, weight_dtype=np.float32):

@@ -14,12 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.calibration import synthetic_inputs
+from mpcompile.io.calibration import synthetic_inputs
 from mpcompile.cli import main
 from mpcompile.errors import UsageError
 from mpcompile.pipeline import CompileOptions, compile_model
-from mpcompile.shapes import ShapeSpec
-from mpcompile.validate import compare_all_outputs, degenerate_reason
+from mpcompile.io.shapes import ShapeSpec
+from mpcompile.checks.validate import compare_all_outputs, degenerate_reason
 
 RNG = np.random.default_rng(0)
 
@@ -153,11 +153,15 @@ def test_every_output_is_validated_and_named(tmp_path):
 
 def test_degenerate_dense_output_is_flagged_not_quoted(tmp_path, capsys):
     model = paddle_classifier(tmp_path / "tiny.onnx", scale=1e-9)  # outputs ~1e-9: a detector on noise
-    code = main([model, "-o", str(tmp_path / "o.onnx"), "--no-permute"])
+    code = main([model, "-o", str(tmp_path / "o.onnx"), "--no-permute", "--report", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert code == 0
     assert "not meaningful" in out and "~0 on this data" in out
     assert "cosine" not in out
+    for written in ("r.md", "r.html"):  # the reports say the same, for every output
+        text = (tmp_path / written).read_text()
+        assert "not meaningful, the dense output is ~0" in text, written
+        assert "cosine" not in text, written
 
 
 def test_degenerate_reason_thresholds():
@@ -198,7 +202,7 @@ def test_analyze_does_not_claim_an_eligible_fraction_over_unknown_macs(tmp_path,
     path = _save(graph, tmp_path / "unknown.onnx")
     assert main(["analyze", path]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "eligible MAC fraction unknown for 1 layers" in out
+    assert "GEMM MACs 4.1k known; 1 of 2 layers with unknown MACs" in out
     assert "% eligible" not in out
 
 
@@ -215,6 +219,10 @@ def test_tf_style_reshaped_constant_weight_is_found_and_compiled(tmp_path):
          numpy_helper.from_array(np.array([64, 64], np.int64), "shape")],
     )
     path = _save(graph, tmp_path / "tf.onnx")
+    from mpcompile.analyze import weights_to_analyze
+    from mpcompile.io.model_io import load_model
+
+    assert weights_to_analyze(load_model(path)) == 1  # the progress bar's total counts it too
     result = compile_model(path, CompileOptions(output=str(tmp_path / "o.onnx"), permute=False))
     assert len(result.analysis.result.layers) == 1 and len(result.selection.selected_names) == 1
     assert result.check_ok and result.validation.relative_l2 < 1.0
@@ -237,3 +245,44 @@ def test_kv_cache_input_without_leading_batch_is_fed_whole():
     assert data.inputs["past"].shape == (2, 1, 4, 8, 16) and data.inputs["x"].shape == (1, 64)
     batch = next(data.batches(8))
     assert batch["past"].shape == (2, 1, 4, 8, 16)
+
+
+def batch_one_reshape_model(path) -> str:
+    """ViT-B/16's dynamo export in miniature: the batch is declared dynamic, the sequence-first
+    tensor ``[4, batch, 32]`` is then reshaped to ``[4, 32]``, legal only at batch 1."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["t", "rows"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["z"]),
+        helper.make_node("Reshape", ["z", "out_shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "batch_one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+        [_w("w1", 32, 32), _w("w2", 32, 16), numpy_helper.from_array(np.array([4, 32], np.int64), "rows"),
+         numpy_helper.from_array(np.array([1, 64], np.int64), "out_shape")],
+    )
+    return _save(graph, path)
+
+
+def test_export_stuck_at_batch_one_runs_one_sample_at_a_time(tmp_path):
+    """Was (conformance, dynamo ViT-B/16): exit 3 'ONNX Runtime cannot run the input model'."""
+    model = batch_one_reshape_model(tmp_path / "b1.onnx")
+    result = compile_model(model, CompileOptions(output=str(tmp_path / "out.onnx"), method="sparsegpt"))
+    assert result.check_ok
+    assert result.validation.samples == CompileOptions().synthetic_samples
+    assert any("runs it only at batch 1" in note for note in result.notes)
+    assert len(result.selection.selected_names) == 2
+    assert result.validation.cosine_similarity > 0.5  # real per-sample outputs, compared sample by sample
+
+
+def test_batch_one_fallback_keeps_real_runtime_errors(tmp_path):
+    """A model that fails even on one sample still gets the one-line exit-3 error."""
+    path = batch_one_reshape_model(tmp_path / "b1.onnx")
+    proto = onnx.load(path)
+    proto.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array([5, 32], np.int64), "rows"))
+    onnx.save(proto, path)
+    assert main(["compile", path, "-o", str(tmp_path / "out.onnx")]) == 3

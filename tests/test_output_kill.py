@@ -1,4 +1,4 @@
-"""SIGKILL a compile of a model with external data at every commit stage (mpcompile.outputs).
+"""SIGKILL a compile of a model with external data at every commit stage (mpcompile.io.outputs).
 
 After each kill the final names are either absent or a complete, consistent model (it loads
 with its data, passes the checker, and any report beside it describes exactly its files); the
@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from _output_models import mlp_with_external_data
-from mpcompile.checker import check_model
-from mpcompile.outputs import KILL_HOOK_ENV, STAGING_PREFIX, external_locations
+from mpcompile.checks.checker import check_model
+from mpcompile.io.outputs import KILL_HOOK_ENV, STAGING_PREFIX, external_locations
 
 STAGES = ["model-staged", "journal", "data", "old-reports-removed", "models", "reports"]
 

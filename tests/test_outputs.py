@@ -1,4 +1,4 @@
-"""Every output path is guarded, staged, checked and committed together (mpcompile.outputs)."""
+"""Every output path is guarded, staged, checked and committed together (mpcompile.io.outputs)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from _output_models import digests, mlp_with_external_data
 from mpcompile.cli import main
-from mpcompile.outputs import STAGING_PREFIX, external_locations
+from mpcompile.io.outputs import STAGING_PREFIX, external_locations
 
 FAST = ["--no-permute", "--method", "magnitude", "--target", "0.5"]
 
@@ -130,7 +130,7 @@ def test_force_replaces_model_and_drops_its_old_data_file(model, capsys):
 
 
 def test_failed_check_leaves_nothing_under_the_final_names(model, capsys, monkeypatch):
-    from mpcompile.checker import CheckReport
+    from mpcompile.checks.checker import CheckReport
 
     monkeypatch.setattr(CheckReport, "ok", property(lambda self: False))
     before = digests(model.parent)
@@ -174,7 +174,7 @@ def test_annotate_with_external_data_is_self_contained(model, tmp_path, capsys):
 
 
 def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
-    from mpcompile.outputs import _process_start, clean_stale
+    from mpcompile.io.outputs import _process_start, clean_stale
 
     live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-{_process_start(os.getpid())}-cafe0001"
     live.mkdir()
@@ -190,7 +190,7 @@ def test_saved_model_never_points_at_the_input_data(model, tmp_path, external):
     """Inline or external, a model loaded from external data is written with all its tensors."""
     import onnx
 
-    from mpcompile.model_io import load_model, save_model
+    from mpcompile.io.model_io import load_model, save_model
 
     loaded = load_model(model)
     (tmp_path / "copy").mkdir()

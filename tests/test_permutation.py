@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpcompile.errors import MpcompileError
-from mpcompile.numerics import permutation as perm_mod
+from mpcompile.numerics import _permutation_search as search_mod
 from mpcompile.numerics.permutation import (
     PermutationInputError,
     PermutationUsageError,
@@ -116,7 +116,7 @@ def test_asp_reference_problem_matches_asp_published_baseline() -> None:
 
 @pytest.mark.parametrize(("b", "n", "m", "count"), [(2, 2, 4, 35), (3, 2, 4, 5775), (2, 1, 4, 35)])
 def test_block_tables_enumerate_every_partition_once(b: int, n: int, m: int, count: int) -> None:
-    tab = perm_mod._tables(b, n, m)
+    tab = search_mod._tables(b, n, m)
     groups = tab.subsets[tab.parts]  # [partitions, b, m]
     assert groups.shape == (count, b, m)
     assert np.array_equal(groups[0].ravel(), np.arange(b * m))  # identity first
@@ -129,8 +129,8 @@ def test_block_tables_enumerate_every_partition_once(b: int, n: int, m: int, cou
 def test_block_scores_match_brute_force(b: int, n: int, m: int) -> None:
     rng = np.random.default_rng(6)
     s = rng.random((9, 16))
-    ev = perm_mod._Evaluator(np.ascontiguousarray(s.T, dtype=np.float32), n, m)
-    tab = perm_mod._tables(b, n, m)
+    ev = search_mod._Evaluator(np.ascontiguousarray(s.T, dtype=np.float32), n, m)
+    tab = search_mod._tables(b, n, m)
     chans = np.stack([rng.permutation(16)[: b * m] for _ in range(3)])
     got = ev.block_scores(chans, tab)
     for blk in range(3):
@@ -142,7 +142,7 @@ def test_block_scores_match_brute_force(b: int, n: int, m: int) -> None:
 def test_insertion_gains_match_brute_force() -> None:
     rng = np.random.default_rng(7)
     s = rng.random((5, 12))
-    ev = perm_mod._Evaluator(np.ascontiguousarray(s.T, dtype=np.float32), 2, 4)
+    ev = search_mod._Evaluator(np.ascontiguousarray(s.T, dtype=np.float32), 2, 4)
     rest = np.array([[0, 1, 2], [3, 4, 5]])
     chans = np.array([6, 7, 8])
     got = ev.insertion_gains(rest, chans)
@@ -302,8 +302,8 @@ def test_bad_input_raises_user_facing_errors(scores, kwargs, error) -> None:
 
 def test_partition_counts() -> None:
     # 8 channels into two groups of 4: C(8,4)/2; 12 into three: 12!/(4!^3 3!)
-    assert perm_mod._n_partitions(2, 4) == 35 == len(list(itertools.combinations(range(7), 3)))
-    assert perm_mod._n_partitions(3, 4) == 5775
+    assert search_mod._n_partitions(2, 4) == 35 == len(list(itertools.combinations(range(7), 3)))
+    assert search_mod._n_partitions(3, 4) == 5775
 
 
 def test_parallel_searches_return_every_key_with_a_valid_improving_permutation():

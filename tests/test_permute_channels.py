@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mpcompile.errors import UsageError
-from mpcompile.model_io import load_model
+from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 from mpcompile.passes.permute_channels import (
     PERMUTATION_KEY,

@@ -11,15 +11,15 @@ import onnx.numpy_helper
 import pytest
 
 from mpcompile.analyze import analyze_model
-from mpcompile.checker import check_model
+from mpcompile.checks.checker import check_model
 from mpcompile.cli import main
 from mpcompile.errors import MpcompileError
-from mpcompile.model_io import load_model
+from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 from mpcompile.passes.sparsify_24 import matrix_to_stored
 from mpcompile.pipeline import CompileOptions, compile_model
-from mpcompile.selection import select_layers
-from mpcompile.validate import compare_outputs
+from mpcompile.selection.orders import select_layers
+from mpcompile.checks.validate import compare_outputs
 
 torch = pytest.importorskip("torch")
 
@@ -172,9 +172,9 @@ def test_max_drift_trims_the_mp_ranking_from_its_end(small_net, tmp_path):
 
 
 def test_drift_order_ranks_by_measured_drift_per_mac(small_net, tmp_path):
-    from mpcompile.calibration import run_model, synthetic_inputs
+    from mpcompile.io.calibration import run_model, synthetic_inputs
     from mpcompile.passes.sparsify_24 import write_matrix
-    from mpcompile.validate import relative_drift
+    from mpcompile.checks.validate import relative_drift
 
     result = compile_model(small_net, CompileOptions(
         method="magnitude", permute=False, order="drift", target=0.5, output=str(tmp_path / "d.onnx")))
@@ -207,7 +207,7 @@ def test_drift_order_ranks_by_measured_drift_per_mac(small_net, tmp_path):
 
 
 def test_rank_by_measurement_moves_shared_weights_together():
-    from mpcompile.selection import LayerDecision, Selection, rank_by_measurement
+    from mpcompile.selection.orders import LayerDecision, Selection, rank_by_measurement
 
     decisions = [LayerDecision(n, True, "", None, m) for n, m in (("a", 100), ("b", 100), ("b2", 100), ("c", 200))]
     selection = Selection(decisions, 1.0, "drift", 500, 500, ["a", "b", "b2", "c"])
@@ -343,7 +343,7 @@ def test_unstructured_methods_refuse_2_4_only_options(small_net, tmp_path, optio
 
 
 def test_report_spectra_are_the_dense_ones_the_law_was_fitted_to(small_net, tmp_path):
-    from mpcompile.html_report import _largest_spectra
+    from mpcompile.report.html import _largest_spectra
     from mpcompile.numerics.mp_law import matrix_eigenvalues
 
     dense = {layer.name: matrix_eigenvalues(layer.matrix()) for layer in discover_gemms(load_model(small_net).model)}

@@ -31,7 +31,7 @@ def test_minilm_layers_have_more_spikes_than_shuffled_copies():
 
 
 def test_bundled_models_have_more_spikes_than_shuffled_copies():
-    from mpcompile.model_io import load_model
+    from mpcompile.io.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
     from mpcompile.zoo.bundled import bundled_model_path
 

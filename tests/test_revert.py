@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpcompile.checker import check_model
-from mpcompile.model_io import load_model
+from mpcompile.checks.checker import check_model
+from mpcompile.io.model_io import load_model
 from mpcompile.passes.gemm_discovery import discover_gemms
 from mpcompile.passes.permute_channels import INPUT_ORDER_KEY
 from mpcompile.passes.sparsify_24 import write_matrix

@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mpcompile.analyze import AnalyzeOptions, analyze_model
-from mpcompile.shapes import ShapeSpec
-from mpcompile.speedup import layer_shapes
+from mpcompile.io.shapes import ShapeSpec
+from mpcompile.trt.speedup import layer_shapes
 from mpcompile.trt.model import GPUS, LayerShape, predict_sparse_pick
 
 
@@ -65,7 +65,7 @@ def test_precision_decides_the_gain():
 
 def test_dim_lists_expand_to_shape_sets():
     from mpcompile.errors import UsageError
-    from mpcompile.shapes import expand_dim_sets
+    from mpcompile.io.shapes import expand_dim_sets
 
     assert expand_dim_sets(["batch=1,8,32", "seq=128"]) == [["batch=1", "seq=128"], ["batch=8", "seq=128"],
                                                              ["batch=32", "seq=128"]]
@@ -88,7 +88,7 @@ def _mlp(path, width=1024):
 
 
 def test_shape_sets_give_one_row_per_set_and_gpu(tmp_path):
-    from mpcompile.speedup import shape_set_speedups
+    from mpcompile.trt.speedup import shape_set_speedups
 
     specs = [ShapeSpec(dims={"batch": b}) for b in (1, 8, 4096)]
     analysis = analyze_model(_mlp(tmp_path / "m.onnx"), specs[0], AnalyzeOptions(annotate=False))

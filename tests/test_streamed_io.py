@@ -12,10 +12,10 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from mpcompile import checker
+from mpcompile.checks import checker
 from mpcompile.errors import InvalidModelError
-from mpcompile.model_io import load_model, save_model, write_inline_streamed
-from mpcompile.proto_stream import load_skeleton
+from mpcompile.io.model_io import load_model, save_model, write_inline_streamed
+from mpcompile.io.proto_stream import load_skeleton
 from mpcompile.zoo.bundled import bundled_model_path
 
 

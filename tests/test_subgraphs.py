@@ -20,7 +20,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 import _subgraph_models as models  # noqa: E402
 
-from mpcompile.checker import check_model, check_proto  # noqa: E402
+from mpcompile.checks.checker import check_model, check_proto  # noqa: E402
 from mpcompile.cli import main  # noqa: E402
 from mpcompile.passes.gemm_discovery import discover_gemms  # noqa: E402
 from mpcompile.passes.permute_channels import SUBGRAPH_REASON  # noqa: E402
@@ -337,3 +337,22 @@ def test_fold_refused_when_a_body_reads_the_permuted_tensor():
     assert not plan.foldable and "read inside a subgraph" in plan.reason
     body = next(layer for layer in layers if layer.name == "If_6/then_branch/then_mm")
     assert plan_fold(model, body, layers).reason == SUBGRAPH_REASON
+
+
+def test_im2col_lowers_convs_inside_if_branches(compiled, tmp_path):
+    """Was: --conv im2col left body convs as Conv. Lowered, the If model computes what the
+    Conv-form sparse model computes (same masks), and the checker reads the lowered GEMMs."""
+    dense, sparse, _ = compiled["if_conv"]
+    lowered = tmp_path / "if_conv.im2col.onnx"
+    code = main(["-q", str(dense), "-o", str(lowered), "--method", "cast", "--perm-steps", "20",
+                 "--conv", "im2col"])
+    assert code == 0
+    proto = onnx.load(str(lowered))
+    (if_node,) = [n for n in proto.graph.node if n.op_type == "If"]
+    for branch in if_node.attribute:
+        ops = [n.op_type for n in branch.g.node]
+        assert "Conv" not in ops and "MatMul" in ops, ops
+    assert check_proto(proto).ok
+    onnx.checker.check_model(proto, full_check=True)
+    for feeds in _inputs("if_conv").values():
+        np.testing.assert_allclose(_run(proto, feeds), _run(onnx.load(str(sparse)), feeds), rtol=1e-4, atol=1e-5)

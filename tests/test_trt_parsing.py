@@ -4,18 +4,15 @@ model, and the TensorRT/torch glue as far as it runs without a GPU.
 The log / inspector fixtures under ``tests/fixtures/trt/`` are hand-written following
 TensorRT's documented formats (see the README there), not captured from a real build. The
 roofline expectations are recomputed here by hand from the formula with round numbers, not read
-back from the module. ``build_engine``'s control flow is exercised against a small fake
-``tensorrt`` module (it checks our glue: flags, profiles, log capture, files, parsing — not
-TensorRT itself); the real-TensorRT and real-CUDA tests are marked ``gpu`` and skip without them.
+back from the module. What the build asks Polygraphy/TensorRT for is tested in ``test_trt_polygraphy.py``; the
+real-TensorRT and real-CUDA tests are marked ``gpu`` and skip without them.
 """
 
 from __future__ import annotations
 
-import enum
 import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +23,10 @@ from onnx import TensorProto, helper, numpy_helper
 from mpcompile.errors import (
     BackendUnavailableError,
     MpcompileError,
-    UnsupportedModelError,
     UsageError,
 )
 from mpcompile.trt import builder as trt_builder
+from mpcompile.trt import gpu_probe
 from mpcompile.trt.builder import BuildConfig, build_engine, gpu_available, parse_profile_spec
 from mpcompile.trt.inspector import (
     load_engine_info,
@@ -162,6 +159,15 @@ def test_profile_selection_and_names_only():
     names = load_engine_info(FIXTURES / "engine_names_only.json")
     assert not names.detailed and len(names.layers) == 7
     assert all(layer.tactic_name is None for layer in names.layers)
+
+
+def test_trt11_split_datatype_and_format_fields():
+    info = parse_engine_info(json.dumps({"Layers": [{
+        "Name": "/fc/MatMul", "LayerType": "gemm", "HasSparseWeights": 1,
+        "Inputs": [{"Name": "x", "Dimensions": [8, 64], "Datatype": "Half", "Format": "Row major linear"}],
+        "TacticName": "sm80_xmma_gemm_sparse_f16f16"}]}))
+    (layer,) = info.layers
+    assert layer.inputs[0].format == "Half Row major linear" and layer.precision == "FP16"
 
 
 def test_bad_layer_info_is_a_one_line_error():
@@ -388,7 +394,7 @@ def test_gpu_available_survives_a_broken_probe(monkeypatch):
     def boom():
         raise RuntimeError("driver exploded")
 
-    monkeypatch.setattr(trt_builder, "cuda_devices", boom)
+    monkeypatch.setattr(gpu_probe, "cuda_devices", boom)
     ok, reason = gpu_available(require_tensorrt=False)
     assert ok is False and "driver exploded" in reason
 
@@ -419,263 +425,6 @@ def test_parse_profile_spec(spec, expected):
 def test_parse_profile_spec_errors(spec):
     with pytest.raises(UsageError):
         parse_profile_spec(spec)
-
-
-# A fake ``tensorrt`` that follows the Python API names build_engine uses. It checks our glue
-# (flags, profiles, log capture, written files, parsing), not TensorRT's behaviour.
-
-
-def _fake_tensorrt(version: str = "10.3.0", *, fp16_flag: bool = True) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    calls: dict = {"network_flags": None, "config_flags": set(), "profiles": [], "pool": None, "cache": None}
-    trt.calls = calls
-
-    class Severity(enum.IntEnum):
-        INTERNAL_ERROR = 0
-        ERROR = 1
-        WARNING = 2
-        INFO = 3
-        VERBOSE = 4
-
-    class ILogger:
-        pass
-
-    ILogger.Severity = Severity
-    trt.ILogger = ILogger
-
-    class Logger(ILogger):
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = tuple(Severity)
-
-        def __init__(self, severity=None):
-            pass
-
-        def log(self, severity, msg):
-            pass
-
-    trt.Logger = Logger
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
-                                                     {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 5})
-    flags = {"SPARSE_WEIGHTS": 7, **({"FP16": 0} if fp16_flag else {})}
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
-    trt.ProfilingVerbosity = enum.Enum("ProfilingVerbosity", "LAYER_NAMES_ONLY NONE DETAILED")
-    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
-    trt.LayerInformationFormat = enum.Enum("LayerInformationFormat", "ONELINE JSON")
-
-    class Tensor:
-        def __init__(self, name, shape):
-            self.name, self.shape = name, shape
-
-    class Network:
-        def __init__(self, flags):
-            calls["network_flags"] = flags
-            self.inputs, self.matmuls = [], []
-
-        @property
-        def num_inputs(self):
-            return len(self.inputs)
-
-        def get_input(self, index):
-            return self.inputs[index]
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.logger, self.errors = network, logger, []
-
-        def parse_from_file(self, path):
-            model = onnx.load(path)
-            for node in model.graph.node:
-                if node.op_type == "Unsupported":
-                    self.errors.append(f"In node 0 with name: {node.name} and operator: Unsupported\n"
-                                      "ERROR: No importer registered for op: Unsupported")
-                    return False
-                if node.op_type == "MatMul":
-                    self.network.matmuls.append(node.name)
-            for value in model.graph.input:
-                dims = tuple(d.dim_value if d.HasField("dim_value") else -1
-                             for d in value.type.tensor_type.shape.dim)
-                self.network.inputs.append(Tensor(value.name, dims))
-            return True
-
-        @property
-        def num_errors(self):
-            return len(self.errors)
-
-        def get_error(self, index):
-            return self.errors[index]
-
-    trt.OnnxParser = OnnxParser
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            calls["profiles"].append((name, tuple(lo), tuple(opt), tuple(hi)))
-
-    class TimingCache:
-        def serialize(self):
-            return b"timing-cache"
-
-    class Config:
-        profiling_verbosity = None
-
-        def set_flag(self, flag):
-            calls["config_flags"].add(flag.name)
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["pool"] = (pool.name, size)
-
-        def create_timing_cache(self, data):
-            calls["cache"] = data
-            return TimingCache()
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            pass
-
-        def get_timing_cache(self):
-            return TimingCache()
-
-        def add_optimization_profile(self, profile):
-            pass
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            return Network(flags)
-
-        def create_builder_config(self):
-            self.config = Config()
-            return self.config
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            calls["verbosity"] = config.profiling_verbosity
-            self.logger.log(Severity.VERBOSE, "Tactic timing details (verbose only)")
-            if "SPARSE_WEIGHTS" in calls["config_flags"]:
-                names = ", ".join(network.matmuls)
-                self.logger.log(Severity.INFO, f"(Sparsity) Layers eligible for sparse math: {names}")
-                self.logger.log(Severity.INFO, "(Sparsity) TRT inference plan picked sparse "
-                                               f"implementation for layers: {network.matmuls[0]}")
-            trt.last_network = network
-            return b"fake-engine:" + ",".join(network.matmuls).encode()
-
-    trt.Builder = Builder
-
-    class Inspector:
-        def __init__(self, engine):
-            self.engine = engine
-
-        def get_engine_information(self, fmt):
-            assert fmt == trt.LayerInformationFormat.JSON
-            layers = [{"Name": name, "LayerType": "CaskGemmMatrixMultiply", "HasSparseWeights": 1,
-                       "TacticName": "sm80_xmma_gemm_sparse_f16" if i == 0 else "sm80_xmma_gemm_f16f16",
-                       "Metadata": f"[ONNX Layer: {name}]"}
-                      for i, name in enumerate(self.engine.layers)]
-            return json.dumps({"Layers": layers, "Bindings": ["x", "y"]})
-
-    class Engine:
-        def __init__(self, blob):
-            self.layers = blob.decode().split(":", 1)[1].split(",")
-
-        def create_engine_inspector(self):
-            return Inspector(self)
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return Engine(bytes(blob))
-
-    trt.Runtime = Runtime
-    return trt
-
-
-def _two_matmul_onnx(path: Path, dtype=np.float32, dynamic: bool = False, unsupported: bool = False) -> Path:
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(dtype), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(dtype), "w2")
-    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/fc1/MatMul"),
-             helper.make_node("Relu", ["h"], ["r"], name="/act/Relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="/fc2/MatMul")]
-    if unsupported:
-        nodes.insert(0, helper.make_node("Unsupported", ["x"], ["x2"], name="odd", domain="custom"))
-    batch = "batch" if dynamic else 4
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, [batch, 64])],
-                              [helper.make_tensor_value_info("y", elem, [batch, 32])], [w1, w2])
-    onnx.save(helper.make_model(graph), str(path))
-    return path
-
-
-def test_build_engine_with_fake_tensorrt(tmp_path, monkeypatch):
-    trt = _fake_tensorrt("10.3.0")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    model = _two_matmul_onnx(tmp_path / "m.onnx")
-    cache = tmp_path / "timing.cache"
-    config = BuildConfig(sparse=True, fp16=True, timing_cache=cache, workspace_bytes=1 << 30)
-    result = build_engine(model, config, tmp_path / "out" / "m.engine")
-
-    assert result.engine_path.read_bytes() == b"fake-engine:/fc1/MatMul,/fc2/MatMul"
-    assert result.tensorrt_version == "10.3.0" and result.log.tensorrt_version == "10.3.0"
-    assert result.strongly_typed is False and result.fp16_flag is True  # FP32 ONNX on TRT 10: weakly typed
-    assert trt.calls["config_flags"] == {"SPARSE_WEIGHTS", "FP16"}
-    assert trt.calls["network_flags"] == 0
-    assert trt.calls["verbosity"] == trt.ProfilingVerbosity.DETAILED
-    assert trt.calls["pool"] == ("WORKSPACE", 1 << 30)
-    assert cache.read_bytes() == b"timing-cache" and trt.calls["cache"] == b""
-    assert result.log.eligible_layers == ["/fc1/MatMul", "/fc2/MatMul"]
-    assert result.log.picked_sparse_layers == ["/fc1/MatMul"]
-    log_text = result.log_path.read_text()
-    assert "] [I] [TRT] (Sparsity) Layers eligible for sparse math: /fc1/MatMul, /fc2/MatMul" in log_text
-    assert "verbose only" not in log_text  # VERBOSE records dropped unless asked for
-    assert json.loads(result.layer_info_path.read_text())["Bindings"] == ["x", "y"]
-    assert [layer.sparse_tactic for layer in result.engine.layers] == [True, False]
-
-    table = sparsity_table(["/fc1/MatMul", "/fc2/MatMul"], result.engine, result.log, onnx_node_index(model))
-    assert [(r.onnx_node, r.status) for r in table.rows] == [("/fc1/MatMul", "sparse"),
-                                                            ("/fc2/MatMul", "pruned-but-dense")]
-    assert json.loads(json.dumps(result.to_dict()))["log"]["eligible_not_picked"] == ["/fc2/MatMul"]
-
-
-def test_fake_build_strong_typing_rules(tmp_path, monkeypatch):
-    fp16_model = _two_matmul_onnx(tmp_path / "h.onnx", dtype=np.float16)
-    trt = _fake_tensorrt("10.3.0")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    result = build_engine(fp16_model, BuildConfig(), tmp_path / "h.engine")
-    assert result.strongly_typed and not result.fp16_flag and result.notes == []
-    assert trt.calls["network_flags"] == 1 << 5 and "FP16" not in trt.calls["config_flags"]
-
-    trt11 = _fake_tensorrt("11.0.0", fp16_flag=False)  # TRT 11: strongly typed, no FP16 flag
-    monkeypatch.setitem(sys.modules, "tensorrt", trt11)
-    fp32_model = _two_matmul_onnx(tmp_path / "f.onnx")
-    result = build_engine(fp32_model, BuildConfig(sparse=False), tmp_path / "f.engine")
-    assert result.strongly_typed and not result.fp16_flag and result.sparse_flag is False
-    assert trt11.calls["config_flags"] == set()
-    assert not result.log.eligible_line_found and result.notes == []
-    result = build_engine(fp32_model, BuildConfig(sparse=True), tmp_path / "f.engine")
-    assert len(result.notes) == 1 and "no FP32 sparse kernels" in result.notes[0]
-
-
-def test_fake_build_profiles_and_parser_errors(tmp_path, monkeypatch):
-    trt = _fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    dynamic = _two_matmul_onnx(tmp_path / "d.onnx", dynamic=True)
-    with pytest.raises(UsageError, match=r"x\[-1, 64\] need --shape"):
-        build_engine(dynamic, BuildConfig(), tmp_path / "d.engine")
-    build_engine(dynamic, BuildConfig(profiles=["x:1x64,8x64,32x64"]), tmp_path / "d.engine")
-    assert trt.calls["profiles"] == [("x", (1, 64), (8, 64), (32, 64))]
-    with pytest.raises(UsageError, match="unknown input"):
-        build_engine(dynamic, BuildConfig(profiles=["nope:1x64"]), tmp_path / "d.engine")
-
-    bad = _two_matmul_onnx(tmp_path / "bad.onnx", unsupported=True)
-    with pytest.raises(UnsupportedModelError) as info:
-        build_engine(bad, BuildConfig(), tmp_path / "bad.engine")
-    assert "No importer registered for op: Unsupported" in str(info.value)
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "bad.engine").exists()
 
 
 # ----------------------------------------------------------------------------- torch audit
@@ -737,6 +486,9 @@ def test_real_tensorrt_build_reports_sparsity(tmp_path):
     result = build_engine(model, BuildConfig(sparse=True), tmp_path / "fc.engine")
     assert result.log.eligible_line_found, result.log_path.read_text()[-2000:]
     assert result.engine.detailed and result.engine.layers
+    assert "TensorRT version" in result.log_path.read_text() and result.layer_info_path.is_file()
+    row = sparsity_table(["/fc/MatMul"], result.engine, result.log, onnx_node_index(model)).row("/fc/MatMul")
+    assert row.eligible and row.status in ("sparse", "pruned-but-dense")
     stats = trt_builder.time_engine(result.engine_path, {"x": np.ones((4096, 1024), np.float16)},
                                     warmup=3, iters=10)
     assert stats.median_ms > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mpcompile.analyze import AnalyzeOptions
-from mpcompile.shapes import DEFAULT_DYNAMIC_DIM, ShapeSpec, expand_dim_sets, parse_shape_args
+from mpcompile.io.shapes import DEFAULT_DYNAMIC_DIM, ShapeSpec, expand_dim_sets, parse_shape_args
 
 __all__ = ["add_force_arg", "add_shape_args", "shape_spec_from_args", "shape_specs_from_args", "add_spectral_args",
            "analyze_options_from_args"]

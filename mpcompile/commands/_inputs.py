@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mpcompile.user_checks import refuse_torch_file
+from mpcompile.checks.user_checks import refuse_torch_file
 
 __all__ = ["onnx_input"]
 
@@ -26,7 +26,7 @@ def onnx_input(path: str) -> Iterator[str]:
         from mpcompile.errors import InvalidModelError
 
         raise InvalidModelError(f"{path}: no such file")
-    from mpcompile.api import to_onnx_path
+    from mpcompile.io.model_forms import to_onnx_path
 
     work = tempfile.mkdtemp(prefix="mpcompile-pt2-")
     try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from mpcompile.analyze import Analysis, analyze_loaded
+from mpcompile.analyze import Analysis, analyze_loaded, weights_to_analyze
 from mpcompile.commands._args import (
     add_force_arg,
     add_shape_args,
@@ -17,11 +17,11 @@ from mpcompile.commands._args import (
     analyze_options_from_args,
     shape_spec_from_args,
 )
-from mpcompile.console import format_count, format_float, progress_callback, stderr_console, stdout_console
-from mpcompile.model_io import load_model
-from mpcompile.outputs import RunOutputs, protected_files
-from mpcompile.passes.gemm_discovery import discover_gemms
-from mpcompile.report import dumps, report_header
+from mpcompile.io.model_io import load_model
+from mpcompile.io.outputs import RunOutputs, protected_files
+from mpcompile.report.console import format_float, progress_callback, stderr_console, stdout_console
+from mpcompile.report.figures import macs_cell, macs_summary
+from mpcompile.report.json_report import dumps, report_header
 
 __all__ = ["register", "run", "analysis_report", "render_analysis_table"]
 
@@ -63,11 +63,10 @@ def run_analysis(args: argparse.Namespace, model_path: str) -> Analysis:
     err = stderr_console(quiet=getattr(args, "quiet", False))
     loaded = load_model(model_path)
     spec = shape_spec_from_args(args)
-    from mpcompile.user_checks import check_dim_names
+    from mpcompile.checks.user_checks import check_dim_names
 
     check_dim_names(loaded.model, spec.dims)
-    total = len({id(layer.weight.root) for layer in discover_gemms(loaded.model)})
-    with progress_callback(err, "MP fit", total, enabled=not args.json) as advance:
+    with progress_callback(err, "MP fit", weights_to_analyze(loaded), enabled=not args.json) as advance:
         return analyze_loaded(loaded, spec, analyze_options_from_args(args), advance)
 
 
@@ -101,7 +100,7 @@ def render_analysis_table(analysis: Analysis, console) -> None:
             layer.name,
             layer.op_type,
             f"{layer.out_features}×{layer.reduction}",
-            format_count(layer.macs),
+            macs_cell(layer.macs),
             format_float(fit.sigma_plus if fit else None),
             str(fit.spikes) if fit else "–",
             f"{100 * fit.bulk_fraction:.1f}" if fit else "–",
@@ -111,14 +110,10 @@ def render_analysis_table(analysis: Analysis, console) -> None:
         )
     console.print(table)
     summary = result.summary()
-    frac = summary["eligible_mac_fraction"]
     console.print(
         f"{summary['layers']} GEMM/Conv layers ({summary['unique_weights']} unique weights), "
-        f"{summary['eligible_layers']} eligible for 2:4; GEMM MACs {format_count(summary['total_gemm_macs'])}"
-        + (f", {100 * frac:.1f}% eligible" if frac is not None
-           else f" (+ unknown), eligible MAC fraction unknown for {summary['macs_unknown_layers']} layers"
-           if summary["macs_unknown_layers"] else "")
-        + f"; shapes: {analysis.shape_spec.describe()}; {summary['seconds']:.2f}s"
+        f"{summary['eligible_layers']} eligible for 2:4; {macs_summary(summary)}"
+        f"; shapes: {analysis.shape_spec.describe()}; {summary['seconds']:.2f}s"
     )
     console.print(
         "budget: #rank and SEB weight w (w > 1: noise-like spectrum, made 2:4 first); "

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from mpcompile.commands._args import add_shape_args, shape_spec_from_args, shape_specs_from_args
-from mpcompile.console import stderr_console, stdout_console
+from mpcompile.report.console import stderr_console, stdout_console
 from mpcompile.errors import EXIT_NO_BACKEND, UsageError
-from mpcompile.report import report_header, write_json
+from mpcompile.report.figures import speedup_summary
+from mpcompile.report.json_report import report_header, write_json
 
 __all__ = ["register", "run"]
 
@@ -26,7 +27,8 @@ examples:
   mpcompile build model.sparse.onnx --dense model.onnx --profile input:1x3x224x224,8x3x224x224,32x3x224x224
   mpcompile build model.sparse.onnx --shape input:8x3x224x224     # no TensorRT here: modeled report, exit 6
 
-exit code 6 when TensorRT or a GPU is missing (the modeled report is still written).
+exit code 6 when TensorRT or a GPU is missing (the modeled report is still written);
+exit code 5 when they are there but Polygraphy is not (pip install 'mpcompile[gpu]').
 """
 
 
@@ -60,8 +62,8 @@ def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, 
     """Modeled speedups at the precision the model stores (what TensorRT will build), one row
     per shape set and GPU."""
     from mpcompile.analyze import AnalyzeOptions, analyze_model
-    from mpcompile.checker import check_model
-    from mpcompile.speedup import model_precision, shape_set_speedups
+    from mpcompile.checks.checker import check_model
+    from mpcompile.trt.speedup import model_precision, shape_set_speedups
 
     marked = {c.node for c in check_model(model_path).layers if c.marked}
     analysis = analyze_model(model_path, shape_spec_from_args(args), AnalyzeOptions(annotate=False))
@@ -71,16 +73,20 @@ def _modeled(model_path: str, args: argparse.Namespace) -> tuple[list[dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpcompile.trt.builder import gpu_available
+    from mpcompile.trt.gpu_probe import gpu_available
 
     err = stderr_console(args.quiet)
-    from mpcompile.outputs import RunOutputs, model_files
+    from mpcompile.io.outputs import RunOutputs, model_files
 
     out = Path(args.output or str(Path(args.model).with_suffix("")) + ".build.json")
     guard = RunOutputs([*model_files(args.model), *(model_files(args.dense) if args.dense else [])], force=True)
     guard.add(out, "-o")  # never the model, the dense model or their data; refused before any work
     for path, what in _derived_outputs(Path(args.model), bool(args.dense)):
         guard.add(path, what)
+    from mpcompile.trt.build_plan import parse_profile_spec
+
+    for spec in args.profile or []:  # a bad --profile is a usage error on any machine, before any work
+        parse_profile_spec(spec)
     modeled, marked = _modeled(args.model, args)
     ok, reason = gpu_available(require_tensorrt=True)
     report = report_header("build", Path(args.model), marked_layers=marked, speedup=modeled, measured=None)
@@ -89,14 +95,16 @@ def run(args: argparse.Namespace) -> int:
         write_json(report, out)
         for item in modeled:
             stdout_console().print(
-                f"{item['gpu']} ([bold]modeled[/], {item['precision'].upper()}, {item['shapes']}): "
-                f"{item['speedup']:.2f}× end to end, Amdahl bound {item['amdahl_bound']:.2f}×"
+                speedup_summary(item)
                 + (f"; {item['fp16_speedup']:.2f}× if emitted as FP16 (mpcompile --fp16)" if "fp16_speedup" in item else ""),
-                highlight=False,
+                highlight=False, markup=False,
             )
         # one plain line on stderr (no markup, no wrapping): pipelines grep for it
         print(f"mpcompile: no measured build here: {reason}; modeled report written to {out}", file=sys.stderr)
         return EXIT_NO_BACKEND
+    from mpcompile.trt.build_plan import import_polygraphy_trt
+
+    import_polygraphy_trt()  # TensorRT and a GPU but no Polygraphy: one line, exit 5, nothing written
     report["measured"] = _measure(args, marked, err)
     write_json(report, out)
     err.print(f"build report: {out}")
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace, marked: list[str], err) -> dict[str, Any]:
     """Dense and sparse engines, sparse-tactic table, optional revert + rebuild, latency."""
     from mpcompile.trt.builder import BuildConfig, build_engine, parse_profile_spec, time_engine
-    from mpcompile.trt.inspector import onnx_node_index, sparsity_table
+    from mpcompile.trt.sparsity import onnx_node_index, sparsity_table
 
     model = Path(args.model)
     profiles = [parse_profile_spec(spec) for spec in args.profile or []]
@@ -166,8 +174,8 @@ def _revert(model: Path, dense: Path, nodes: list[str], args: argparse.Namespace
 def _dense_at_same_precision(model: Path, dense: Path) -> tuple[Path, dict[str, str]]:
     """The dense reference at the sparse model's precision, so the measured ratio is the 2:4
     gain and not FP32→FP16: an FP32 original of an ``--fp16`` model gets the same FP16 pass."""
-    from mpcompile.model_io import load_model, save_model
-    from mpcompile.speedup import model_precision
+    from mpcompile.io.model_io import load_model, save_model
+    from mpcompile.trt.speedup import model_precision
 
     sparse_prec = model_precision(load_model(model).model)
     loaded = load_model(dense).model
@@ -189,8 +197,8 @@ def _dense_at_same_precision(model: Path, dense: Path) -> tuple[Path, dict[str, 
 def _engine_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Legal timing inputs at the given shapes: the generator calibration uses (token ids below
     the embedding table's rows, masks of ones, N(0,1) floats), not N(0,1) for every input."""
-    from mpcompile.calibration import synthetic_inputs
-    from mpcompile.model_io import load_model
+    from mpcompile.io.calibration import synthetic_inputs
+    from mpcompile.io.model_io import load_model
 
     spec = shape_spec_from_args(args)
     model = load_model(args.model).model

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mpcompile.console import stderr_console, stdout_console
+from mpcompile.report.console import stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
-from mpcompile.report import dumps, report_header
+from mpcompile.report.json_report import dumps, report_header
 
 __all__ = ["register", "run"]
 
@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpcompile.checker import check_model, render_check_table
+    from mpcompile.checks.checker import check_model, render_check_table
 
-    from mpcompile.outputs import RunOutputs, model_files
+    from mpcompile.io.outputs import RunOutputs, model_files
 
     outputs = RunOutputs(model_files(args.model) if Path(args.model).is_file() else [args.model], force=args.force)
     if args.output:

@@ -17,15 +17,16 @@ from mpcompile.commands._args import (
     shape_spec_from_args,
     shape_specs_from_args,
 )
-from mpcompile.console import format_count, progress_callback, stderr_console, stdout_console
+from mpcompile.report.console import progress_callback, stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED
 from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
-from mpcompile.model_io import default_output_path
-from mpcompile.outputs import RunOutputs, protected_files
-from mpcompile.report import dumps
-from mpcompile.selection import ORDERS
+from mpcompile.io.model_io import default_output_path
+from mpcompile.io.outputs import RunOutputs, protected_files
+from mpcompile.report.figures import macs_cell, selection_summary, speedup_summary
+from mpcompile.report.json_report import dumps
+from mpcompile.selection.orders import ORDERS
 
 __all__ = ["register", "run", "options_from_args", "render_compile_summary"]
 
@@ -146,17 +147,14 @@ def render_compile_summary(result: CompileResult, console) -> None:
         mask = masks.get(decision.name)
         spectral = f"{spectra[mask.layer]['relative_spectral_error']:.3f}" if mask is not None else ""
         table.add_row(
-            layer.name, layer.op_type, f"{layer.out_features}×{layer.reduction}", format_count(decision.macs),
+            layer.name, layer.op_type, f"{layer.out_features}×{layer.reduction}", macs_cell(decision.reported_macs),
             "[green]2:4[/]" if decision.sparse else "dense", decision.reason,
             f"{mask.kept_magnitude_fraction:.3f}" if mask else "", spectral,
         )
     console.print(table)
     sel = result.selection
-    console.print(
-        f"method {result.method}; {len(sel.selected_names)} layers 2:4 = {100 * sel.selected_fraction:.1f}% of "
-        f"eligible GEMM MACs ({format_count(sel.selected_macs)} of {format_count(sel.eligible_macs)}); "
-        f"calibration: {result.calibration_source}"
-    )
+    summary = selection_summary({**sel.macs_report(), "sparse_layers": len(sel.selected_names)})
+    console.print(f"method {result.method}; {summary}; calibration: {result.calibration_source}")
     folded = [p for p in result.permutations if p.folded]
     if result.permutations:
         console.print(
@@ -183,19 +181,14 @@ def render_compile_summary(result: CompileResult, console) -> None:
             line += f", accuracy {100 * c.dense_accuracy:.2f}% → {100 * c.sparse_accuracy:.2f}%"
         console.print(line)
     for item in result.speedup:
-        console.print(
-            f"speedup on {item['gpu']} ([bold]modeled[/], {item.get('precision', 'fp16').upper()}"
-            f"{', ' + item['shapes'] if item.get('shapes') else ''}): {item['speedup']:.2f}× end to end, "
-            f"{item['gemm_speedup']:.2f}× on GEMMs; Amdahl bound {item['amdahl_bound']:.2f}×",
-            markup=True, highlight=False,
-        )
+        console.print(f"speedup on {speedup_summary(item)}", markup=False, highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", style="dim")
 
 
 def run(args: argparse.Namespace) -> int:
     """Model, JSON, Markdown and HTML reports are one run: all staged, committed together only
-    when the independent check passes (see :mod:`mpcompile.outputs`)."""
+    when the independent check passes (see :mod:`mpcompile.io.outputs`)."""
     from mpcompile.commands._inputs import onnx_input
 
     err = stderr_console(args.quiet)
@@ -243,8 +236,8 @@ def _write_human_reports(report, staged_stem: str, stem: str, result: CompileRes
     from rich.markup import escape
 
     from mpcompile.errors import OptionalDependencyError
-    from mpcompile.html_report import render_markdown, write_reports
-    from mpcompile.report import write_text
+    from mpcompile.report.html import render_markdown, write_reports
+    from mpcompile.report.json_report import write_text
 
     try:
         write_reports(report, staged_stem, result.analysis.result.layers)

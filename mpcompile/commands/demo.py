@@ -6,7 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mpcompile.console import stderr_console
+from mpcompile.report.console import stderr_console
 
 __all__ = ["register", "run"]
 

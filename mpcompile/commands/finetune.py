@@ -14,9 +14,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mpcompile.console import stderr_console, stdout_console
+from mpcompile.report.console import stderr_console, stdout_console
 from mpcompile.errors import EXIT_CHECK_FAILED, OptionalDependencyError
-from mpcompile.report import dumps, report_header, write_json
+from mpcompile.report.json_report import dumps, report_header, write_json
 
 __all__ = ["register", "run"]
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from mpcompile.zoo.bundled import check_bundled_name
 
     check_bundled_name(args.bundled)
-    from mpcompile.outputs import RunOutputs
+    from mpcompile.io.outputs import RunOutputs
 
     guard = RunOutputs(force=True)  # -o and --report: distinct files in existing folders, checked first
     for path, option in ((args.output, "-o"), (args.report, "--report")):

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from mpcompile.console import format_count, stderr_console, stdout_console
+from mpcompile.report.console import format_count, stderr_console, stdout_console
 from mpcompile.errors import OptionalDependencyError, UsageError
 from mpcompile.numerics.pruning_limit import (
     DATA_FREE_LABEL,
@@ -18,7 +18,7 @@ from mpcompile.numerics.pruning_limit import (
     MagnitudeBound,
     layer_bounds,
 )
-from mpcompile.report import dumps, report_header
+from mpcompile.report.json_report import dumps, report_header
 
 __all__ = ["register", "run"]
 
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _onnx_weights(path: str) -> dict[str, Any]:
-    from mpcompile.model_io import load_model
+    from mpcompile.io.model_io import load_model
     from mpcompile.passes.gemm_discovery import discover_gemms
 
     loaded = load_model(path)
@@ -104,7 +104,7 @@ def _table(title: str, rows: list[MagnitudeBound]) -> Table:
 def run(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.bundled):
         raise UsageError("give either an ONNX model or --bundled NAME")
-    from mpcompile.outputs import RunOutputs, model_files
+    from mpcompile.io.outputs import RunOutputs, model_files
 
     err = stderr_console(quiet=getattr(args, "quiet", False))
     out = stdout_console()

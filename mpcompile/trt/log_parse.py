@@ -10,8 +10,8 @@ INFO severity, once per build::
     [11/22/2026-10:00:00] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: Conv_0 + Relu_1
 
 (``trtexec`` prefixes ``[time] [I] [TRT]``; the Python ``trt.Logger`` prefixes ``[time] [TRT] [I]``;
-our own logger in :mod:`mpcompile.trt.builder` writes ``[TRT] [I]``.) A missing line is not an
-empty list: it means sparsity was not enabled or the log was captured below INFO, and the result
+our builder's log, written through Polygraphy's logger, ``[V]``: Polygraphy logs TensorRT INFO at
+its VERBOSE.) A missing line is not an empty list: it means sparsity was not enabled or the log was captured below INFO, and the result
 says which of the two lines was seen.
 
 List parsing: items are separated by commas *outside* brackets, because TensorRT's own names

@@ -27,6 +27,9 @@ rows, K = reduction, N = outputs):
   (default 0.3): ``other = Σ dense_gemm · f_o / (1 − f_o)``.
 - Amdahl bound: with f = the share of dense end-to-end time spent in layers marked 2:4, no 2:4
   kernel (at most 2× on its layer) can give more than ``1 / ((1 − f) + f/2)`` end to end.
+
+Length (~450 lines): the GEMM and conv rooflines, the GPU table and the Amdahl bound are one
+model whose terms must stay consistent; the fitted efficiency curve lives in ``efficiency.py``.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def require_usable_weights(model) -> None:
 
 def require_finite_inputs(data) -> None:
     """Calibration/evaluation arrays must be finite: NaN statistics would make every mask and
-    every reported drift NaN without a word. ``data`` is a :class:`~mpcompile.calibration.CalibrationData`."""
+    every reported drift NaN without a word. ``data`` is a :class:`~mpcompile.io.calibration.CalibrationData`."""
     for name, array in data.inputs.items():
         require_finite(array, f"calibration input '{name}' ({data.source})", error=MpcompileError)
 

@@ -1,5 +1,5 @@
-"""Calibration: model inputs (user data or stated synthetic), ONNX Runtime sessions, and
-per-layer input statistics captured by exposing intermediate tensors.
+"""Calibration: model inputs (user data or stated synthetic) and the ONNX Runtime sessions
+that run them; ``capture.py`` builds the per-layer statistics on top of these sessions.
 
 Why statistics and not activations: CAST, Wanda and SparseGPT need only the second moment
 ``XᵀX/rows`` of each layer's input (in TensorRT's reduction order), which is ``K²`` memory
@@ -11,37 +11,28 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from scipy.linalg.blas import ssyrk
 
 from mpcompile.errors import UsageError
-from mpcompile.numerics.im2col import im2col_rows
-from mpcompile.numerics.masks import LayerStats, upper_row_start
-from mpcompile.passes.gemm_discovery import GemmLayer
-from mpcompile.shapes import ShapeSpec
+from mpcompile.io.shapes import ShapeSpec
 
 __all__ = [
-    "MAX_ROWS_PER_SAMPLE",
     "CalibrationData",
     "ModelRunner",
-    "capturable",
-    "capture_layer_stats",
     "load_calibration",
     "run_model",
+    "run_slice",
     "synthetic_inputs",
 ]
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS_PER_SAMPLE = 512  # random input rows kept per calibration sample and layer
-CAPTURE_OUTPUT_BUDGET_BYTES = 128 * 2**20  # exposed layer inputs of one capture batch
-GRAM_BLOCK_ROWS = 512  # band height of the covariance accumulation
 FED_WEIGHT_MIN_BYTES = 4096  # smaller initializers stay constants of the session graph
 _FED_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
 
@@ -83,6 +74,9 @@ class CalibrationData:
     labels: np.ndarray | None = None
     static_batch: int | None = None  # the model's first dimension, when it is not dynamic
     shared: frozenset[str] = frozenset()  # inputs without a sample axis (scalars, KV caches): fed whole
+    # Set when the model declares a dynamic batch but ONNX Runtime runs it only one sample at a
+    # time (an export that hard-codes batch 1 in a Reshape): said in the report.
+    batch_fallback: str | None = None
 
     @property
     def samples(self) -> int:
@@ -155,7 +149,7 @@ def load_calibration(path: str | os.PathLike, model: ir.Model, *, limit: int | N
     counts = {a.shape[0] for a in inputs.values()}
     if len(counts) != 1:
         raise UsageError(f"--calib {p}: inputs have different sample counts {sorted(counts)}")
-    from mpcompile.user_checks import check_input_arrays, check_labels
+    from mpcompile.checks.user_checks import check_input_arrays, check_labels
 
     check_input_arrays(f"--calib {p}", model, inputs)
     if labels is not None:
@@ -334,7 +328,7 @@ def _is_fed(value: ir.Value) -> bool:
 
 def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures raise; their native log line would only repeat them
     # No arena: the arena keeps the high-water mark of every exposed intermediate for the
     # session's lifetime, which dominated peak memory on big calibration captures.
     options.enable_cpu_mem_arena = False
@@ -353,179 +347,59 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def _is_runtime_error(exc: BaseException) -> bool:
+    return (type(exc).__module__ or "").startswith("onnxruntime")
+
+
+def run_slice(runner: ModelRunner, data: CalibrationData, start: int, stop: int,
+              names: list[str] | None = None) -> list[np.ndarray] | None:
+    """``runner`` over samples ``start:stop``; None when the model runs only one sample at a time.
+
+    Why: some exports declare a dynamic batch yet hard-code 1 in a Reshape (torch's dynamo
+    export of ViT-B/16 writes ``[197, 768]`` for a ``[197, batch, 768]`` tensor). When a batch
+    of several samples fails in ONNX Runtime and one sample runs, the data is switched to
+    batch 1 for the rest of the compile (``data.batch_fallback`` says so) and the caller
+    re-runs the slice one sample at a time. Any other failure is raised unchanged.
+    """
+    try:
+        return runner.run(data.slice(start, stop), names)
+    except Exception as exc:
+        if stop - start <= 1 or data.static_batch or not _is_runtime_error(exc):
+            raise
+        try:
+            runner.run(data.slice(start, start + 1), names)
+        except Exception:
+            raise exc from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        data.static_batch = 1
+        data.batch_fallback = (
+            "the model declares a dynamic batch but ONNX Runtime runs it only at batch 1 (on "
+            f"{stop - start} samples: {first[:160]}); calibration and validation ran one sample at a time")
+        logger.warning(data.batch_fallback)
+        return None
+
+
 def run_model(model: ir.Model, data: CalibrationData, batch_size: int = 64) -> list[np.ndarray]:
     """Graph outputs of ``model`` over all calibration samples, concatenated per output."""
     runner = ModelRunner(model)
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
-    for batch in data.batches(batch_size):
-        for name, out in zip(runner.output_names, runner.run(batch)):
+    start = 0
+    while start < data.samples:
+        size = data.static_batch or batch_size
+        stop = min(start + size, data.samples)
+        if data.static_batch and stop - start < size:
+            if start == 0:
+                raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
+            break  # a static batch drops the tail, as :meth:`CalibrationData.batches` does
+        outputs = run_slice(runner, data, start, stop)
+        if outputs is None:
+            continue  # switched to one sample at a time: the same slice again
+        for name, out in zip(runner.output_names, outputs):
             chunks[name].append(out)
+        start = stop
     del runner
     release_freed_memory()
     return [np.concatenate(parts) for parts in chunks.values()]
-
-
-def _conv_geometry(node: ir.Node, x_shape: tuple[int, ...], kernel: tuple[int, ...]) -> dict:
-    strides = tuple(node.attributes.get_ints("strides", None) or (1,) * len(kernel))
-    dilations = tuple(node.attributes.get_ints("dilations", None) or (1,) * len(kernel))
-    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
-    pads = tuple(node.attributes.get_ints("pads", None) or (0,) * (2 * len(kernel)))
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads_begin, pads_end = [], []
-        for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations):
-            out = -(-size // s)
-            total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
-            small, big = total // 2, total - total // 2
-            pads_begin.append(small if auto_pad == "SAME_UPPER" else big)
-            pads_end.append(big if auto_pad == "SAME_UPPER" else small)
-        pads = (*pads_begin, *pads_end)
-    elif auto_pad == "VALID":
-        pads = (0,) * (2 * len(kernel))
-    return {"strides": strides, "pads": pads, "dilations": dilations}
-
-
-def layer_rows(layer: GemmLayer, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray:
-    """The layer's input as ``[rows, K]`` in TensorRT order, at most ``max_rows`` random rows."""
-    if layer.op_type == "Conv":
-        if x.ndim != 4 or len(layer.kernel) != 2:
-            raise UsageError(f"{layer.name}: only 2-D convolutions are supported for calibration")
-        geometry = _conv_geometry(layer.node, x.shape, layer.kernel)
-        top, left, bottom, right = geometry["pads"]
-        rows = im2col_rows(
-            x, layer.kernel, strides=geometry["strides"], pads=(top, left, bottom, right),
-            dilations=geometry["dilations"],
-        )
-    else:
-        if layer.op_type == "Gemm" and layer.node.attributes.get_int("transA", 0):
-            x = x.T
-        rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > max_rows:
-        rows = rows[np.sort(rng.choice(rows.shape[0], size=max_rows, replace=False))]
-    return np.asarray(rows, dtype=np.float32)
-
-
-def capture_layer_stats(
-    model: ir.Model,
-    layers: list[GemmLayer],
-    data: CalibrationData,
-    *,
-    batch_size: int = 8,
-    max_rows_per_sample: int = MAX_ROWS_PER_SAMPLE,
-    seed: int = 0,
-    output_budget_bytes: int = CAPTURE_OUTPUT_BUDGET_BYTES,
-    progress: Callable[[str], None] | None = None,
-    graph_outputs: list[list[np.ndarray]] | None = None,
-) -> dict[str, LayerStats]:
-    """``LayerStats`` (Gram of the input rows in TensorRT order) for each layer, by name.
-
-    One pass of ONNX Runtime over the calibration data exposes every layer's input. Layers
-    reading the same tensor share the capture. The batch is sized so the exposed tensors of
-    one batch stay within ``output_budget_bytes`` (measured on a first one-sample batch): the
-    Gram matrices are kept until masking anyway, so splitting the layers over several passes
-    would cost time and save nothing. At most ``max_rows_per_sample`` random rows per sample
-    are kept (conv rows via im2col), bounding time on big feature maps. Given a list,
-    ``graph_outputs`` receives the model's outputs over the same samples (what
-    :func:`run_model` returns), saving the pass that would compute them.
-
-    Layers inside If/Loop/Scan bodies are captured when their input is a top-level value the
-    body reads from the outer scope (ONNX Runtime can expose it as a graph output); a layer
-    whose input is computed inside the body (a loop-carried state, a scan slice) gets no
-    entry, since ONNX Runtime cannot expose values inside a subgraph (see :func:`capturable`).
-    """
-    rng = np.random.default_rng(seed)
-    skipped = [layer for layer in layers if not capturable(model, layer)]
-    if skipped:
-        logger.info("no calibration capture for %d layer(s) whose input lives inside a subgraph: %s",
-                    len(skipped), ", ".join(layer.name for layer in skipped))
-        layers = [layer for layer in layers if capturable(model, layer)]
-    inputs = [layer.node.inputs[0] for layer in layers]
-    runner = ModelRunner(model, inputs)
-    names = list(dict.fromkeys(v.name for v in inputs))
-    output_names = [v.name for v in model.graph.outputs] if graph_outputs is not None else []
-    output_parts: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    readers: dict[str, GemmLayer] = {}
-    for layer in layers:  # the first layer of each key extracts the rows for all of them
-        readers.setdefault(_capture_key(layer), layer)
-    # float32 sums of upper triangles (each batch's product is symmetric): a quarter of the
-    # memory of full float64 matrices, at a relative error ~1e-6, far below what the masks'
-    # damping tolerates. Only one full K×K product exists at a time.
-    sums = {key: np.zeros(layer.reduction * (layer.reduction + 1) // 2, np.float32)
-            for key, layer in readers.items()}
-    counts = dict.fromkeys(sums, 0)
-    size = data.static_batch or 1
-    stop = data.samples - data.samples % size if data.static_batch else data.samples
-    if stop == 0:
-        raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
-    fetched = list(dict.fromkeys([*names, *output_names]))
-    start = 0
-    while start < stop:
-        take = min(size, stop - start)
-        outputs = dict(zip(fetched, runner.run(data.slice(start, start + take), fetched)))
-        for name in output_names:
-            output_parts[name].append(outputs[name])
-        for key, layer in readers.items():
-            rows = layer_rows(layer, outputs[layer.node.inputs[0].name], rng, max_rows_per_sample * take)
-            if rows.shape[1] != layer.reduction:
-                raise UsageError(
-                    f"{layer.name}: captured input has {rows.shape[1]} columns, expected K={layer.reduction}"
-                )
-            _add_upper_gram(sums[key], rows)
-            counts[key] += rows.shape[0]
-        if start == 0 and not data.static_batch:
-            per_sample = sum(outputs[name].nbytes for name in names) / take
-            size = int(max(1, min(batch_size, output_budget_bytes // max(per_sample, 1))))
-        del outputs
-        start += take
-    del runner
-    if graph_outputs is not None:
-        graph_outputs.extend(np.concatenate(output_parts.pop(name)) for name in output_names)
-    shared = {}
-    for key, total in sums.items():  # kept compact: float32 upper triangles (19 MB at K = 3072)
-        total /= np.float32(max(counts[key], 1))
-        shared[key] = LayerStats.from_upper(total, readers[key].reduction, counts[key])
-    del sums
-    release_freed_memory()
-    result = {}
-    for layer in layers:
-        result[layer.name] = shared[_capture_key(layer)]
-        if progress is not None:
-            progress(layer.name)
-    return result
-
-
-def capturable(model: ir.Model, layer: GemmLayer) -> bool:
-    """Whether ``layer``'s input can be exposed as a graph output of ``model``.
-
-    True for top-level layers and for subgraph layers whose input is a top-level value
-    captured by the body (the same tensor the layer reads on every run or iteration of the
-    body; for an If branch, the input it sees whenever that branch runs). False when the input
-    is computed inside a body, which ONNX Runtime cannot return.
-    """
-    value = layer.node.inputs[0]
-    return value is not None and value.graph is model.graph
-
-
-def _add_upper_gram(upper: np.ndarray, rows: np.ndarray, block: int = GRAM_BLOCK_ROWS) -> None:
-    """Add the upper triangle of ``rowsᵀ rows`` to ``upper`` (row-major packed), a band of
-    ``block`` rows at a time: no ``K×K`` temporary (85 MB at K = 4608), about half the flops.
-    """
-    k = rows.shape[1]
-    if k <= block:  # small: BLAS syrk (one triangle); its Fortran-ordered lower triangle is
-        # the upper one of a C-ordered view, which the extraction reads contiguously.
-        upper += LayerStats.upper_of(ssyrk(1.0, rows.T, trans=0, lower=1).T)
-        return
-    for i0 in range(0, k, block):
-        i1 = min(i0 + block, k)
-        band = rows[:, i0:i1].T @ rows[:, i0:]  # [i1-i0, k-i0]: rows i0..i1 from the diagonal on
-        keep = np.triu(np.ones(band.shape, dtype=bool))
-        upper[upper_row_start(i0, k) : upper_row_start(i1, k)] += band[keep]
-
-
-def _capture_key(layer: GemmLayer) -> str:
-    """Layers with the same key see identical input rows, so they share one Gram matrix."""
-    if layer.op_type == "Conv" or (layer.op_type == "Gemm" and layer.node.attributes.get_int("transA", 0)):
-        return f"layer:{layer.name}"
-    return f"input:{layer.node.inputs[0].name}"
 
 
 def shapes_from_calibration(spec: ShapeSpec, model: ir.Model, data: CalibrationData) -> ShapeSpec:

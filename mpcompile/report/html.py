@@ -19,6 +19,7 @@ import numpy as np
 
 from mpcompile.errors import OptionalDependencyError
 from mpcompile.numerics.mp_law import matrix_eigenvalues, mp_density
+from mpcompile.report.figures import macs_cell, selection_summary, speedup_summary, unknown_macs_note
 
 __all__ = ["render_markdown", "render_html", "write_reports"]
 
@@ -133,25 +134,44 @@ def _largest_spectra(analysis_layers, count: int = 4) -> list[tuple[str, np.ndar
     return out
 
 
+def validation_lines(report: dict[str, Any]) -> list[str]:
+    """One line per graph output, as the console prints them.
+
+    Why one function for Markdown and HTML: a degenerate dense output (near-constant or ~0 on the
+    data) makes cosine and drift rounding noise, and a report that still quoted "cosine 0.0000"
+    for it read as a broken model; every renderer must say "not meaningful" instead.
+    """
+    v = report.get("validation")
+    if not v:
+        return []
+    outputs = [v, *v.get("others", [])]
+    source = report.get("evaluation") or report.get("calibration") or "?"
+    lines = []
+    for c in outputs:
+        name = f" output '{c['output']}'" if len(outputs) > 1 and c.get("output") else ""
+        line = f"dense vs sparse{name} on {c['samples']} samples ({source}): "
+        if c.get("degenerate"):
+            lines.append(line + f"not meaningful, {c['degenerate']} (max |Δ| {c['max_abs_error']:.3g})")
+            continue
+        line += f"relative L2 drift {c['relative_l2']:.4f}, cosine {c['cosine_similarity']:.4f}"
+        if c.get("top1_agreement") is not None:
+            line += f", top-1 agreement {100 * c['top1_agreement']:.1f}%"
+        if c.get("dense_accuracy") is not None:
+            line += f", accuracy {100 * c['dense_accuracy']:.2f}% → {100 * c['sparse_accuracy']:.2f}%"
+        lines.append(line)
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# mpcompile report — {Path(report.get('model', {}).get('path', '?')).name}", ""]
     lines.append(f"- created {report['created']} by mpcompile {report['tool']['version']} (`{report['command']}`)")
     if "method" in report:
-        sel = report["selection"]
-        lines.append(f"- method **{report['method']}**, {sel['sparse_layers']} layers 2:4 = "
-                     f"{100 * sel['sparse_fraction_of_eligible']:.1f}% of eligible GEMM MACs")
+        lines.append(f"- method **{report['method']}**, {selection_summary(report['selection'])}")
         lines.append(f"- calibration: {report['calibration']}")
         lines.append(f"- independent 2:4 check: {'passed' if report['check']['ok'] else 'FAILED'}")
-    v = report.get("validation")
-    if v:
-        lines.append(f"- dense vs sparse on {v['samples']} samples: cosine {v['cosine_similarity']:.4f}, "
-                     f"relative L2 {v['relative_l2']:.4f}"
-                     + (f", top-1 agreement {100 * v['top1_agreement']:.1f}%" if v.get("top1_agreement") is not None else "")
-                     + (f", accuracy {100 * v['dense_accuracy']:.2f}% → {100 * v['sparse_accuracy']:.2f}%"
-                        if v.get("dense_accuracy") is not None else ""))
+    lines += [f"- {line}" for line in validation_lines(report)]
     for item in report.get("speedup", []) or []:
-        lines.append(f"- speedup ({item['kind']}, {item['gpu']}): {item['speedup']:.3f}× end to end; "
-                     f"Amdahl bound {item['amdahl_bound']:.3f}×")
+        lines.append(f"- speedup on {speedup_summary(item)}")
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
     lines += ["", "| layer | op | out×K | MACs | σ+ | spikes | bulk % | μ | SEB w | 2:4 | why |",
@@ -172,7 +192,7 @@ def _layer_cells(layer: dict[str, Any]) -> list[str]:
         layer["name"],
         layer["op"],
         f"{layer['matrix_shape'][0]}×{layer['matrix_shape'][1]}",
-        _fmt(layer.get("macs"), "d"),
+        macs_cell(layer.get("macs")),
         _fmt(mp.get("sigma_plus"), ".3g"),
         _fmt(mp.get("spikes"), "d"),
         _fmt(None if bulk is None else 100 * bulk, ".1f"),
@@ -208,16 +228,10 @@ def _headline(report: dict[str, Any]) -> str:
     sel = report.get("selection")
     if sel:
         sparse = [layer["name"] for layer in report.get("layers", []) if layer.get("sparse")]
-        items.append(f"<b>{sel['sparse_layers']} layers made 2:4</b> ({100 * sel['sparse_fraction_of_eligible']:.1f}% "
-                     f"of eligible GEMM MACs){': ' + html.escape(', '.join(sparse[:6])) if sparse else ''}"
+        items.append(f"<b>{html.escape(selection_summary(sel))}</b>{': ' + html.escape(', '.join(sparse[:6])) if sparse else ''}"
                      f"{' …' if len(sparse) > 6 else ''}; independent 2:4 check "
                      f"<b>{'passed' if report['check']['ok'] else 'FAILED'}</b>")
-    v = report.get("validation")
-    if v:
-        acc = (f"accuracy <b>{100 * v['dense_accuracy']:.2f}% → {100 * v['sparse_accuracy']:.2f}%</b>, "
-               if v.get("dense_accuracy") is not None else "")
-        items.append(f"{acc}output drift (relative L2) <b>{v['relative_l2']:.4f}</b>, cosine {v['cosine_similarity']:.4f} "
-                     f"on {v['samples']} samples ({html.escape(str(report.get('calibration', '')))})")
+    items += [html.escape(line) for line in validation_lines(report)]
     rows = report.get("speedup") or []
     for item in rows:
         cal = item.get("calibrated")
@@ -225,7 +239,7 @@ def _headline(report: dict[str, Any]) -> str:
         extra += f"; with the measured efficiency curve {cal['speedup']:.2f}×" if cal else ""
         items.append(f"{html.escape(item['gpu'])}: <b>{item['speedup']:.2f}× end to end ({html.escape(item['kind'])})</b>, "
                      f"{html.escape(item.get('precision', 'fp16').upper())}, at {html.escape(item.get('shapes') or 'analysed shapes')}; "
-                     f"Amdahl bound {item['amdahl_bound']:.2f}×{html.escape(extra)}")
+                     f"Amdahl bound {item['amdahl_bound']:.2f}×{html.escape(unknown_macs_note(item) + extra)}")
     model = Path(report.get("output", {}).get("path", "") or report.get("model", {}).get("path", "model.sparse.onnx")).name
     dense = Path(report.get("model", {}).get("path", "model.onnx")).name
     nxt = (f"mpcompile build {model} --dense {dense}\n"
@@ -241,14 +255,15 @@ def _speedup_table(report: dict[str, Any]) -> str:
     rows = []
     for item in report.get("speedup") or []:
         cal = item.get("calibrated")
-        rows.append([item["gpu"], item.get("shapes") or "", item.get("precision", "fp16").upper(), item["kind"],
+        modeled = f"{item['layers'] - item['unknown_macs_layers']} of {item['layers']}" if "layers" in item else "–"
+        rows.append([item["gpu"], item.get("shapes") or "", modeled, item.get("precision", "fp16").upper(), item["kind"],
                      f"{item['speedup']:.2f}×", f"{item['gemm_speedup']:.2f}×", f"{item['amdahl_bound']:.2f}×",
                      f"{item['fp16_speedup']:.2f}×" if "fp16_speedup" in item else "–",
                      f"{cal['speedup']:.2f}×" if cal else "no measurements for this GPU"])
     if not rows:
         return ""
-    return _table(["GPU", "shapes", "precision", "kind", "end to end", "GEMMs", "Amdahl bound", "at FP16",
-                   "fitted curve"], rows, {4, 5, 6, 7})
+    return _table(["GPU", "shapes", "layers modeled", "precision", "kind", "end to end", "GEMMs", "Amdahl bound",
+                   "at FP16", "fitted curve"], rows, {5, 6, 7, 8})
 
 
 def _meaningful_latency(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -299,7 +314,7 @@ def render_html(report: dict[str, Any], analysis_layers=None) -> str:
 
 def write_reports(report: dict[str, Any], stem: str | os.PathLike, analysis_layers=None) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.html`` atomically; returns both paths."""
-    from mpcompile.report import write_text
+    from mpcompile.report.json_report import write_text
 
     md_path = write_text(render_markdown(report), f"{stem}.md")
     html_path = write_text(render_html(report, analysis_layers), f"{stem}.html")

@@ -87,7 +87,7 @@ def external_locations(model_path: Path) -> list[str]:
 
     Read as a skeleton (weights left in the file, pages only mapped): the guard runs before
     every command and must not parse a multi-GB inline model a second time."""
-    from mpcompile.proto_stream import load_skeleton
+    from mpcompile.io.proto_stream import load_skeleton
 
     try:
         proto = load_skeleton(model_path)
@@ -272,7 +272,7 @@ class RunOutputs:
     def save_model(self, model: ir.Model, path: str | os.PathLike, *, external_data: bool) -> Path:
         """Stage ``model`` (self-contained: every tensor it needs is written next to it, one
         tensor at a time); returns the staged .onnx path, for the check and validation."""
-        from mpcompile.proto_stream import write_external_streamed, write_inline_streamed
+        from mpcompile.io.proto_stream import write_external_streamed, write_inline_streamed
 
         staged = self.stage_path(path)
         out = self._outputs[Path(os.path.abspath(path))]

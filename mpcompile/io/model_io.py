@@ -19,9 +19,9 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from mpcompile.errors import InvalidModelError
-from mpcompile.model_checks import check_graph_inputs, check_text_fields, validate_tensors
-from mpcompile.proto_stream import write_inline_streamed  # noqa: F401  (re-exported for callers)
-from mpcompile.shapes import weightless_copy
+from mpcompile.checks.model_checks import check_graph_inputs, check_text_fields, validate_tensors
+from mpcompile.io.proto_stream import write_inline_streamed  # noqa: F401  (re-exported for callers)
+from mpcompile.io.shapes import weightless_copy
 
 __all__ = ["LoadedModel", "load_model", "save_model", "default_output_path", "TWO_GB"]
 
@@ -194,7 +194,7 @@ def save_model(
 ) -> Path:
     """Write ``model`` atomically and self-contained to ``out_path``; return the absolute path.
 
-    One-output form of :class:`mpcompile.outputs.RunOutputs` (the commands use that directly, to
+    One-output form of :class:`mpcompile.io.outputs.RunOutputs` (the commands use that directly, to
     commit a model and its reports together): the model and its external data are staged in a
     hidden folder beside the destination and committed in an order no reader can observe half
     done. Every tensor the model needs is written next to it, never referenced from the input.
@@ -204,7 +204,7 @@ def save_model(
         external_data: force external data on/off; default: on above ~1.8 GB of weights.
         force: replace an existing ``out_path`` (the CLI asks for ``--force``).
     """
-    from mpcompile.outputs import RunOutputs, protected_files
+    from mpcompile.io.outputs import RunOutputs, protected_files
 
     use_external = external_data if external_data is not None else _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     with RunOutputs([f for p in protect for f in protected_files(p)], force=force) as outputs:

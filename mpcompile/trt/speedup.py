@@ -76,7 +76,8 @@ def modeled_speedups(
 ) -> list[dict[str, Any]]:
     """One ``kind="modeled"`` entry per GPU, with per-layer times and the Amdahl bound.
 
-    Each entry states the engine ``precision`` and the ``shapes`` it is at, and ``calibrated``:
+    Each entry states the engine ``precision``, the ``shapes`` it is at, how many of its
+    ``layers`` were left out for ``unknown_macs_layers``, and ``calibrated``:
     the same model with the GPU's efficiency curve fitted to measured kernels
     (``mpcompile.trt.efficiency``), or None where we hold no measurements for that GPU. At a precision
     without 2:4 kernels (FP32/TF32) it also carries ``fp16_speedup``: what emitting FP16
@@ -89,6 +90,8 @@ def modeled_speedups(
     for name in gpus:
         entry = model_speedup(shapes, gpu_spec(name), precision=precision).to_dict()
         entry["shapes"] = shapes_label
+        # layers whose MACs are unknown at these shapes are left out of the model: say how many
+        entry["layers"], entry["unknown_macs_layers"] = len(layers), len(layers) - len(shapes)
         curve = find_curve(name, precision)
         entry["calibrated"] = (calibrated_speedup(shapes, gpu_spec(name), curve, DEFAULT_OTHER_FRACTION)
                                if curve else None)
@@ -108,12 +111,14 @@ def shape_set_speedups(
     The spectral analysis is done once; only shape inference is redone per set, since the
     MAC count and every roofline depend on M (batch × tokens) alone.
     """
-    from mpcompile.shapes import infer_static_shapes
+    from mpcompile.io.shapes import infer_static_shapes
 
     rows: list[dict[str, Any]] = []
     for spec in specs:
         same = spec == analysis.shape_spec
         shapes = analysis.shapes if same else infer_static_shapes(analysis.loaded.proto, spec)
+        if same:  # the analysis inferred these: state them as it does
+            spec.defaulted, spec.inferred = list(analysis.shape_spec.defaulted), analysis.shape_spec.inferred
         rows += modeled_speedups(analysis.result.layers, sparse_names, gpus, shapes, precision, spec.describe())
     return rows
 

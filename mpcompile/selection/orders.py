@@ -30,7 +30,13 @@ class LayerDecision:
     sparse: bool
     reason: str
     rank: int | None
-    macs: int
+    macs: int  # what the target counts: the weight's parameter count where MACs are unknown
+    macs_known: bool = True
+
+    @property
+    def reported_macs(self) -> int | None:
+        """The MACs a report may print: None where shape inference could not tell."""
+        return self.macs if self.macs_known else None
 
 
 @dataclass
@@ -55,6 +61,21 @@ class Selection:
     @property
     def selected_fraction(self) -> float:
         return self.selected_macs / self.eligible_macs if self.eligible_macs else 0.0
+
+    def macs_report(self) -> dict:
+        """The report's figures: MACs summed over known counts only, and no fraction (None)
+        when an eligible layer's MACs are unknown — the stand-in count steers the target but
+        is not a MAC count to print."""
+        candidates = set(self.ranking)
+        eligible = [d for d in self.decisions if d.name in candidates]
+        unknown = [d for d in eligible if not d.macs_known]
+        return {
+            "eligible_layers": len(eligible),
+            "eligible_macs": sum(d.macs for d in eligible if d.macs_known),
+            "sparse_macs": sum(d.macs for d in self.decisions if d.sparse and d.macs_known),
+            "sparse_fraction_of_eligible": None if unknown else self.selected_fraction,
+            "unknown_macs_layers": len(unknown),
+        }
 
 
 def _weight_macs(analysis: LayerAnalysis) -> int:
@@ -84,7 +105,8 @@ def select_layers(
 ) -> Selection:
     """Pick layers in ``order`` until ``target`` × eligible MACs are covered (or ``count`` layers).
 
-    MACs come from shape inference; where unknown, the weight's parameter count stands in.
+    MACs come from shape inference; where unknown, the weight's parameter count stands in for
+    the target (and the decision says ``macs_known=False``, so reports do not print it as MACs).
     """
     if not 0.0 <= target <= 1.0:
         raise UsageError(f"--target must be a fraction in [0, 1], got {target}")
@@ -103,18 +125,19 @@ def select_layers(
     decisions = []
     for analysis in result.layers:
         layer = analysis.layer
-        macs = _weight_macs(analysis)
+        macs, known = _weight_macs(analysis), layer.macs is not None
         if analysis.name in chosen:
             why = f"rank {analysis.prune_rank} by MP budget" if order == "mp" else f"{order} order"
-            decisions.append(LayerDecision(analysis.name, True, why, analysis.prune_rank, macs))
+            decisions.append(LayerDecision(analysis.name, True, why, analysis.prune_rank, macs, known))
         elif not layer.eligible:
-            decisions.append(LayerDecision(analysis.name, False, f"not eligible: {layer.reason}", None, macs))
+            decisions.append(LayerDecision(analysis.name, False, f"not eligible: {layer.reason}", None, macs, known))
         elif analysis.name in exclude:
-            decisions.append(LayerDecision(analysis.name, False, "excluded by --exclude", analysis.prune_rank, macs))
+            decisions.append(LayerDecision(analysis.name, False, "excluded by --exclude", analysis.prune_rank,
+                                           macs, known))
         else:
             decisions.append(
                 LayerDecision(analysis.name, False, "kept dense: target reached (lower MP budget rank)"
-                              if order == "mp" else "kept dense: target reached", analysis.prune_rank, macs)
+                              if order == "mp" else "kept dense: target reached", analysis.prune_rank, macs, known)
             )
     return Selection(decisions, target, order, eligible_macs, covered, [a.name for a in ranked])
 

@@ -199,7 +199,7 @@ def write_external_streamed(model: ir.Model, path: str | os.PathLike) -> str | N
 
     The data file is named ``<path name>.<sha256[:16]>.data`` after its content, so a new graph
     never shares a data-file name with an older graph of different weights (see
-    :mod:`mpcompile.outputs` for why), and the same weights give the same file.
+    :mod:`mpcompile.io.outputs` for why), and the same weights give the same file.
     """
     out = Path(path)
     head, initializers = _head(model)

@@ -38,12 +38,23 @@ class ShapeSpec:
     inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)
     default: int = DEFAULT_DYNAMIC_DIM
+    # Filled by infer_static_shapes: the symbolic dims that got ``default`` ("?" for unnamed
+    # ones), so the statement names them ("N=1 (default)") instead of a vague "other dims".
+    defaulted: list[str] = field(default_factory=list, compare=False)
+    inferred: bool = field(default=False, compare=False)
 
     def describe(self) -> str:
+        """The shapes every figure is at, in one phrase (the same in console, JSON, HTML)."""
         parts = [f"{k}:{'x'.join(map(str, v))}" for k, v in self.inputs.items()]
         parts += [f"{k}={v}" for k, v in self.dims.items()]
-        parts.append(f"other dynamic dims={self.default}")
-        return ", ".join(parts)
+        if not self.inferred:
+            parts.append(f"other dynamic dims={self.default}")
+        else:
+            named = [d for d in dict.fromkeys(self.defaulted) if d != "?"]
+            parts += [f"{d}={self.default} (default)" for d in named]
+            if "?" in self.defaulted:
+                parts.append(f"unnamed dynamic dims={self.default} (default)")
+        return ", ".join(parts) or "static input shapes"
 
 
 _SHAPE_RE = re.compile(r"^([^:]+):(\d+(?:[x,]\d+)*)$")
@@ -99,6 +110,8 @@ def _set_static(value_info: onnx.ValueInfoProto, spec: ShapeSpec) -> None:
     for dim in tensor_type.shape.dim:
         if dim.HasField("dim_value") and dim.dim_value > 0:
             continue
+        if dim.dim_param not in spec.dims:
+            spec.defaulted.append(dim.dim_param or "?")
         dim.dim_value = spec.dims.get(dim.dim_param, spec.default)
 
 
@@ -113,6 +126,8 @@ def infer_static_shapes(proto: onnx.ModelProto, spec: ShapeSpec) -> dict[str, tu
         )
     skeleton = weightless_copy(proto)
     initializer_names = {t.name for t in graph.initializer}
+    spec.defaulted.clear()
+    spec.inferred = True
     for vi in skeleton.graph.input:
         if vi.name in known_inputs and vi.name not in initializer_names:
             _set_static(vi, spec)

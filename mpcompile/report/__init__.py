@@ -1,0 +1,1 @@
+"""What the user reads: the versioned JSON report, the HTML report and terminal output."""

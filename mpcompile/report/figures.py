@@ -1,0 +1,58 @@
+"""One wording for each headline figure, shared by the console, Markdown and HTML reports.
+
+Why: the same MAC count was printed three ways (the console fell back to the weight's
+parameter count, the JSON said ``null``, the HTML "—"), and a percentage over the layers whose
+MACs are known read "100 % eligible" with most of them unknown. Every human-readable report
+builds these sentences from the JSON report's fields, so they cannot disagree with it or with
+each other; where a MAC count is unknown they say how many of how many layers, not a percentage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpcompile.report.console import format_count
+
+__all__ = ["UNKNOWN", "macs_cell", "macs_summary", "selection_summary", "speedup_summary", "unknown_macs_note"]
+
+UNKNOWN = "–"
+
+
+def macs_cell(macs: int | None) -> str:
+    """A layer's MACs in a table: ``4.1k``, or ``–`` when shape inference could not tell."""
+    return UNKNOWN if macs is None else format_count(macs)
+
+
+def macs_summary(summary: dict[str, Any]) -> str:
+    """The analysis summary's MAC sentence (``AnalysisResult.summary()``)."""
+    unknown = summary.get("macs_unknown_layers") or 0
+    total = format_count(summary["total_gemm_macs"])
+    if unknown:
+        return f"GEMM MACs {total} known; {unknown} of {summary['layers']} layers with unknown MACs"
+    frac = summary.get("eligible_mac_fraction")
+    return f"GEMM MACs {total}" + (f", {100 * frac:.1f}% eligible" if frac is not None else "")
+
+
+def selection_summary(sel: dict[str, Any]) -> str:
+    """How much became 2:4 (the report's ``selection`` block)."""
+    head = f"{sel['sparse_layers']} layers made 2:4"
+    sparse, eligible = format_count(sel["sparse_macs"]), format_count(sel["eligible_macs"])
+    unknown = sel.get("unknown_macs_layers") or 0
+    if unknown:
+        return (f"{head}: {sparse} of {eligible} known eligible GEMM MACs; {unknown} of "
+                f"{sel['eligible_layers']} eligible layers with unknown MACs")
+    return f"{head} = {100 * sel['sparse_fraction_of_eligible']:.1f}% of eligible GEMM MACs ({sparse} of {eligible})"
+
+
+def unknown_macs_note(item: dict[str, Any]) -> str:
+    """``; 2 of 3 layers with unknown MACs not modeled`` for a speedup row, or ``""``."""
+    unknown = item.get("unknown_macs_layers") or 0
+    return f"; {unknown} of {item['layers']} layers with unknown MACs not modeled" if unknown else ""
+
+
+def speedup_summary(item: dict[str, Any]) -> str:
+    """``A40 (modeled, FP32, other dynamic dims=1): 1.00× end to end, …`` for one speedup row."""
+    shapes = f", {item['shapes']}" if item.get("shapes") else ""
+    return (f"{item['gpu']} ({item['kind']}, {item.get('precision', 'fp16').upper()}{shapes}): "
+            f"{item['speedup']:.2f}× end to end, {item['gemm_speedup']:.2f}× on GEMMs; "
+            f"Amdahl bound {item['amdahl_bound']:.2f}×" + unknown_macs_note(item))
