@@ -46,7 +46,7 @@ __all__ = ["CompileOptions", "CompileResult", "ProgressFactory", "compile_model"
 
 logger = logging.getLogger(__name__)
 
-DATA_METHODS = {"cast", "cast-obs", "wanda", "sparsegpt"}
+DATA_METHODS = {"cast", "cast-obs", "wanda", "sparsegpt", "admm"}
 # (description, total) -> context manager yielding advance(label)
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[str], None]]]
 
