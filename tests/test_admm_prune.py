@@ -7,6 +7,8 @@ and by hand, never with ``masks.is_nm_sparse``.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -81,12 +83,12 @@ def test_error_decreases_with_iterations():
         sol = admm_nm(w, stats.gram, iters=iters, mask_iters=iters, cg_iters=0)
         errors.append(_output_error(x, w, sol.weight))
     print("\nADMM error vs iterations (1, 3, 8, 20, 40):", [round(e, 1) for e in errors])
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:]))
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(errors))
     assert errors[-1] < 0.6 * errors[0]
     # with the mask fixed, the tracked objective (ADMM's Z, then CG) never rises in the CG phase
     sol = admm_nm(w, stats.gram, iters=20, mask_iters=10, cg_iters=30, track=True)
     cg = sol.history[-sol.cg_iterations:]
-    assert sol.cg_iterations > 0 and all(b <= a * (1 + 1e-12) for a, b in zip(cg, cg[1:]))
+    assert sol.cg_iterations > 0 and all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(cg))
     assert cg[-1] < sol.history[sol.admm_iterations - 1]
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-__all__ = ["AdmmSolution", "admm_nm", "masked_least_squares", "gradual_keep_mask"]
+__all__ = ["AdmmSolution", "admm_24", "admm_nm", "gradual_keep_mask", "masked_least_squares"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def gradual_keep_mask(score: np.ndarray, n: int, m: int, fraction: float) -> np.
     keep = np.zeros(s.shape, dtype=bool)
     np.put_along_axis(keep, order[..., :n], True, axis=-1)
     budget = out * (k // m) * (m - n)
-    prune = int(round(fraction * budget))
+    prune = round(fraction * budget)
     if prune >= budget:
         return keep.reshape(out, k)
     cand = np.where(keep, np.inf, s).ravel()
@@ -174,7 +174,7 @@ def admm_nm(
     product each, so off by default). Callers validate shapes and n:m (see :func:`mpcompile.numerics.masks.admm_24`).
     """
     t0 = time.perf_counter()
-    out, k = w.shape
+    k = w.shape[1]
     wn, h, scale, dead = _normalised(w, gram, damp)
     history: list[float] = []
     if init_mask is not None:
@@ -195,6 +195,7 @@ def admm_nm(
         u = np.zeros_like(wn)
         mask = gradual_keep_mask(np.abs(wn), n, m, 1.0) if iters == 0 else np.ones_like(wn, dtype=bool)
         z = np.where(mask, wn, 0.0)
+        done = 0
         for done in range(1, iters + 1):
             if done <= mask_iters:
                 t = done / mask_iters
@@ -205,8 +206,6 @@ def admm_nm(
             v = (wh + rho * (z - u)) @ inverse
             if track:
                 history.append(_objective(wn, z, h))
-        else:
-            done = iters
     cg_done = 0
     if cg_iters > 0:
         z, cg_done = masked_least_squares(wn, h, mask, z, cg_iters, history if track else None)
