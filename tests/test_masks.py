@@ -111,8 +111,10 @@ def test_every_method_gives_exact_2_4(method, dtype, calib):
     assert res.weight.dtype == dtype and res.weight.shape == w.shape
     assert np.all(_group_counts(res.weight, 4) <= 2)
     assert np.all(res.weight[~res.mask] == 0)
-    assert _group_counts(res.weight, 4)[0, 0] <= 1  # the pre-zeroed group cannot gain nonzeros
-    updates = method in ("sparsegpt", "cast-obs")  # OBS methods re-fit kept weights
+    # the pre-zeroed group cannot gain nonzeros, except under admm's whole-row least-squares
+    # re-fit, which may use the kept zero slot (still within the 2 of the rule, checked above)
+    assert _group_counts(res.weight, 4)[0, 0] <= 1 or method == "admm"
+    updates = method in ("sparsegpt", "cast-obs", "admm")  # OBS / least-squares methods re-fit kept weights
     assert _group_counts(res.weight, 4)[1, 1] == 0 or updates
     if not updates:
         np.testing.assert_array_equal(res.weight, np.where(res.mask, w, 0).astype(dtype))

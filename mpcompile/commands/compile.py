@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     group = parser.add_argument_group("sparsity")
     group.add_argument("--method", choices=sorted([*MASK_METHODS, *UNSTRUCTURED_METHODS]),
-                       help="mask method (default: cast-obs with --calib, magnitude without); rmt-sv and "
+                       help="mask method (default: cast-obs with --calib, magnitude without; admm: ADMM + exact "
+                            "least-squares re-fit, slower, lower layer error); rmt-sv and "
                             "spectral-sample are the seed papers' unstructured methods (no 2:4 speedup)")
     group.add_argument("--sparsity", type=float, default=0.5,
                        help="removed fraction for the unstructured methods (default 0.5)")

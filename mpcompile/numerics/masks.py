@@ -537,3 +537,8 @@ def cast_cost(w: np.ndarray, mask: np.ndarray, stats: LayerStats | None, m: int 
     idx = np.arange(k).reshape(k // m, m)
     blocks = gram[idx[:, :, None], idx[:, None, :]]
     return float(np.einsum("iga,gab,igb->", r, blocks, r, optimize=True))
+
+# ADMM (Boža 2024) lives in its own module; registered here so every name-based caller sees it.
+from mpcompile.numerics.admm_prune import admm_24
+
+MASK_METHODS["admm"] = admm_24

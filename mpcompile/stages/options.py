@@ -11,7 +11,7 @@ from mpcompile.io.shapes import ShapeSpec
 
 __all__ = ["CompileOptions", "DATA_METHODS", "ProgressFactory", "no_progress"]
 
-DATA_METHODS = {"cast", "cast-obs", "wanda", "sparsegpt"}
+DATA_METHODS = {"cast", "cast-obs", "wanda", "sparsegpt", "admm"}
 # (description, total) -> context manager yielding advance(label)
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[str], None]]]
 
