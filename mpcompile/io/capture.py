@@ -15,7 +15,8 @@ import onnx_ir as ir
 from scipy.linalg.blas import ssyrk
 
 from mpcompile.errors import UsageError
-from mpcompile.io.calibration import CalibrationData, ModelRunner, release_freed_memory, run_slice
+from mpcompile.io.calibration import CalibrationData
+from mpcompile.io.runner import ModelRunner, release_freed_memory, run_slice
 from mpcompile.numerics.im2col import im2col_rows
 from mpcompile.numerics.layer_stats import LayerStats, upper_row_start
 from mpcompile.passes.gemm_discovery import GemmLayer

@@ -7,7 +7,8 @@ and sparse versions and costs one ONNX Runtime pass.
 
 from __future__ import annotations
 
-from mpcompile.io.calibration import CalibrationData, run_model
+from mpcompile.io.calibration import CalibrationData
+from mpcompile.io.runner import run_model
 from mpcompile.checks.validate import relative_drift
 from mpcompile.passes.gemm_discovery import GemmLayer
 from mpcompile.passes.sparsify_24 import LayerMask, restore_dense, write_matrix

@@ -8,7 +8,7 @@ input covariance (K² floats) is freed as soon as that layer is masked.
 
 from __future__ import annotations
 
-from mpcompile.io.calibration import release_freed_memory
+from mpcompile.io.runner import release_freed_memory
 from mpcompile.numerics.spectrum_change import spectrum_change
 from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask
 from mpcompile.passes.unstructured_prune import ApplyUnstructuredPruningPass

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from mpcompile.checks.model_checks import dense_model_errors, require_finite, require_finite_inputs
 from mpcompile.errors import UsageError
-from mpcompile.io.calibration import CalibrationData, load_calibration, run_model
+from mpcompile.io.calibration import CalibrationData, load_calibration
+from mpcompile.io.runner import run_model
 from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.selection.orders import MEASURED_ORDERS

@@ -3,7 +3,7 @@ did not settle already, then (CLI) the dense weights are released."""
 
 from __future__ import annotations
 
-from mpcompile.io.calibration import release_freed_memory
+from mpcompile.io.runner import release_freed_memory
 from mpcompile.stages.mask import fits_of, layer_spectrum_change
 from mpcompile.stages.state import CompileState
 

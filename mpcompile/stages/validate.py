@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mpcompile.checks.validate import compare_all_outputs
-from mpcompile.io.calibration import run_model
+from mpcompile.io.runner import run_model
 from mpcompile.stages.state import CompileState
 
 __all__ = ["ValidateStage"]
