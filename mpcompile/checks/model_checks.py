@@ -219,14 +219,14 @@ def dense_model_errors(what: str = "the input model") -> Iterator[None]:
     Why only there: if ONNX Runtime cannot load or run the model the user gave us, the model is
     at fault (exit 3); a failure on a model mpcompile rewrote stays an internal error.
     """
+    from mpcompile.io.runner import runtime_error_line
+
     try:
         yield
-    except Exception as exc:  # onnxruntime's pybind errors share no public base class
-        module = type(exc).__module__ or ""
-        if not module.startswith("onnxruntime"):
+    except Exception as exc:
+        first = runtime_error_line(exc)
+        if first is None:
             raise
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
         raise InvalidModelError(f"ONNX Runtime cannot run {what}: {first[:400]}") from exc
 
 

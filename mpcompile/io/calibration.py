@@ -68,15 +68,23 @@ class CalibrationData:
         batched = [v for k, v in self.inputs.items() if v.ndim > 0 and k not in self.shared]
         return int(batched[0].shape[0]) if batched else 1
 
+    @property
+    def covered(self) -> int:
+        """Samples the batches cover: a static batch drops the tail that would not fill one."""
+        return self.samples - self.samples % self.static_batch if self.static_batch else self.samples
+
+    def require_covered(self) -> int:
+        """:attr:`covered`, refusing data too short for even one static batch."""
+        if self.static_batch and self.covered == 0:
+            raise UsageError(
+                f"the model has a static batch of {self.static_batch} but only {self.samples} samples were given"
+            )
+        return self.covered
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches in order; a model exported with a static batch gets exactly that size."""
         size = self.static_batch or batch_size
-        stop = self.samples - self.samples % size if self.static_batch else self.samples
-        if self.static_batch and stop == 0:
-            raise UsageError(
-                f"the model has a static batch of {size} but only {self.samples} samples were given"
-            )
-        for start in range(0, stop, size):
+        for start in range(0, self.require_covered(), size):
             yield self.slice(start, start + size)
 
     def slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -87,9 +95,7 @@ class CalibrationData:
         """Labels of the samples that :meth:`batches` yields (a static batch drops the tail)."""
         if self.labels is None:
             return None
-        if self.static_batch:
-            return self.labels[: self.samples - self.samples % self.static_batch]
-        return self.labels
+        return self.labels[: self.covered] if self.static_batch else self.labels
 
 
 def _graph_inputs(model: ir.Model) -> list[ir.Value]:

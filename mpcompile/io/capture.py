@@ -116,9 +116,7 @@ def capture_layer_stats(
             for key, layer in readers.items()}
     counts = dict.fromkeys(sums, 0)
     size = data.static_batch or 1
-    stop = data.samples - data.samples % size if data.static_batch else data.samples
-    if stop == 0:
-        raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
+    stop = data.require_covered()
     fetched = list(dict.fromkeys([*names, *output_names]))
     start = 0
     while start < stop:
@@ -138,7 +136,7 @@ def capture_layer_stats(
                 )
             _add_upper_gram(sums[key], rows)
             counts[key] += rows.shape[0]
-        if start == 0 and not data.static_batch and not data.batch_fallback:
+        if start == 0 and not data.static_batch:
             per_sample = sum(outputs[name].nbytes for name in names) / take
             size = int(max(1, min(batch_size, output_budget_bytes // max(per_sample, 1))))
         del outputs

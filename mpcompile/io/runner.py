@@ -15,12 +15,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mpcompile.errors import UsageError
-
 if TYPE_CHECKING:
     from mpcompile.io.calibration import CalibrationData
 
-__all__ = ["FED_WEIGHT_MIN_BYTES", "ModelRunner", "release_freed_memory", "run_model", "run_slice"]
+__all__ = ["FED_WEIGHT_MIN_BYTES", "ModelRunner", "release_freed_memory", "run_model", "run_slice",
+           "runtime_error_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +123,13 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _is_runtime_error(exc: BaseException) -> bool:
-    return (type(exc).__module__ or "").startswith("onnxruntime")
+def runtime_error_line(exc: BaseException) -> str | None:
+    """The first line of an ONNX Runtime error; None when ``exc`` is not one (its pybind
+    errors share no public base class, only their module)."""
+    if not (type(exc).__module__ or "").startswith("onnxruntime"):
+        return None
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def run_slice(runner: ModelRunner, data: CalibrationData, start: int, stop: int,
@@ -141,13 +145,13 @@ def run_slice(runner: ModelRunner, data: CalibrationData, start: int, stop: int,
     try:
         return runner.run(data.slice(start, stop), names)
     except Exception as exc:
-        if stop - start <= 1 or data.static_batch or not _is_runtime_error(exc):
+        first = runtime_error_line(exc)
+        if stop - start <= 1 or data.static_batch or first is None:
             raise
         try:
             runner.run(data.slice(start, start + 1), names)
         except Exception:
             raise exc from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         data.static_batch = 1
         data.batch_fallback = (
             "the model declares a dynamic batch but ONNX Runtime runs it only at batch 1 (on "
@@ -160,14 +164,9 @@ def run_model(model: ir.Model, data: CalibrationData, batch_size: int = 64) -> l
     """Graph outputs of ``model`` over all calibration samples, concatenated per output."""
     runner = ModelRunner(model)
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
-    start = 0
-    while start < data.samples:
-        size = data.static_batch or batch_size
-        stop = min(start + size, data.samples)
-        if data.static_batch and stop - start < size:
-            if start == 0:
-                raise UsageError(f"the model has a static batch of {size} but only {data.samples} samples were given")
-            break  # a static batch drops the tail, as :meth:`CalibrationData.batches` does
+    total, start = data.require_covered(), 0
+    while start < total:
+        stop = min(start + (data.static_batch or batch_size), total)
         outputs = run_slice(runner, data, start, stop)
         if outputs is None:
             continue  # switched to one sample at a time: the same slice again
