@@ -254,12 +254,5 @@ def admm_24(
     init_mask = None if init == "gradual" else masks.apply_method(init, w, stats, n=n, m=m).mask
     solution = admm_nm(w, gram, n, m, iters=iters, mask_iters=mask_iters, cg_iters=cg_iters, rho=rho,
                        damp=damp, init_mask=init_mask)
-    weight = solution.weight
-    if w.dtype != np.float64:
-        fmax = float(np.finfo(w.dtype).max)
-        if np.abs(weight).max(initial=0.0) > fmax:
-            logger.warning("admm: updated weights exceed %s range; clipping", w.dtype)
-            np.clip(weight, -fmax, fmax, out=weight)
-    out_w = weight.astype(w.dtype)
-    out_w[~solution.mask] = 0
+    out_w = masks.updated_weight(solution.weight, solution.mask, w.dtype, "admm")
     return masks._result(w, solution.mask, "admm", True, weight=out_w)

@@ -227,6 +227,22 @@ def is_nm_sparse(w: np.ndarray, n: int = 2, m: int = 4) -> bool:
 # --------------------------------------------------------------------------- methods
 
 
+def updated_weight(weight: np.ndarray, keep: np.ndarray, dtype: np.dtype, method: str) -> np.ndarray:
+    """A float64 weight update in the layer's dtype, dropped entries exact zeros.
+
+    Why clip: an OBS/ADMM update can push a kept weight past float16's ±65504, which would
+    become ±inf in the written model; clipped, it stays finite (and the warning names it).
+    """
+    if dtype != np.float64:
+        fmax = float(np.finfo(dtype).max)
+        if np.abs(weight).max(initial=0.0) > fmax:
+            logger.warning("%s: updated weights exceed %s range; clipping", method, dtype)
+            np.clip(weight, -fmax, fmax, out=weight)
+    out = weight.astype(dtype)
+    out[~keep] = 0  # float16 rounding cannot resurrect a dropped entry, but be explicit
+    return out
+
+
 def _magnitude_result(w: np.ndarray, n: int, m: int, method: str) -> MaskResult:
     if method != "magnitude":
         logger.debug("%s: no calibration statistics, using magnitude top-%d of %d", method, n, m)
@@ -421,13 +437,7 @@ def sparsegpt_24(
     keep = np.ascontiguousarray(keep_t.T)
     wk = np.ascontiguousarray(wt.T)
     wk[~keep] = 0.0
-    if w.dtype != np.float64:
-        fmax = float(np.finfo(w.dtype).max)
-        if np.abs(wk).max(initial=0.0) > fmax:
-            logger.warning("sparsegpt: updated weights exceed %s range; clipping", w.dtype)
-            np.clip(wk, -fmax, fmax, out=wk)
-    out_w = wk.astype(w.dtype)
-    out_w[~keep] = 0  # float16 rounding cannot resurrect a dropped entry, but be explicit
+    out_w = updated_weight(wk, keep, w.dtype, "sparsegpt")
     logger.debug("sparsegpt %s %d:%d in %.3f s", w.shape, n, m, time.perf_counter() - t0)
     return _result(w, keep, "cast-obs" if joint else "sparsegpt", True, weight=out_w)
 
