@@ -34,6 +34,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from mpcompile.passes._names import UniqueNamer
+from mpcompile.passes.gemm_discovery import node_subgraphs
 
 __all__ = ["ConvertToFloat16Pass", "Fp16Summary", "DEFAULT_KEEP_FP32_OPS", "FP16_MAX"]
 
@@ -225,22 +226,12 @@ def _is_follower(node: ir.Node) -> bool:
     return len(node.outputs) == 1 and node.outputs[0].dtype == FLOAT
 
 
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs: list[ir.Graph] = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs.append(attr.as_graph())
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attr.as_graphs())
-    return graphs
-
-
 def _outer_reads(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node, int]]:
     """(top-level control-flow node, body node, input index) for each body input that is a
     value of ``graph`` itself: what the bodies read from the converted scope."""
     reads = []
     for top in graph:
-        for body in _subgraphs(top):
+        for _, body in node_subgraphs(top):
             for inner in ir.traversal.RecursiveGraphIterator(body):
                 for index, value in enumerate(inner.inputs):
                     if value is not None and value.graph is graph:
@@ -256,7 +247,7 @@ def _apply(graph: ir.Graph, plan: _Plan, summary: Fp16Summary) -> bool:
     # bodies stay FP32: what they read from this scope is an FP32 input, cast before their node
     needs += [(inner, index, FLOAT, top) for top, inner, index in _outer_reads(graph)
               if inner.inputs[index].dtype == FLOAT]
-    summary.control_flow_nodes = sum(1 for node in nodes if _subgraphs(node))
+    summary.control_flow_nodes = sum(1 for node in nodes if node_subgraphs(node))
     float_outputs = [v.dtype == FLOAT for v in graph.outputs]
     targets = {}
     for value in (*graph.inputs, *graph.initializers.values()):

@@ -29,6 +29,7 @@ __all__ = [
     "GemmLayer",
     "discover_gemms",
     "display_names",
+    "node_subgraphs",
     "subgraph_display_names",
     "MIN_REDUCTION",
 ]
@@ -247,12 +248,12 @@ def subgraph_display_names(graph: ir.Graph, prefix: str = "") -> dict[ir.Node, s
     names: dict[ir.Node, str] = {}
     for node, name in display_names(graph).items():
         names[node] = prefix + name
-        for attr_name, body in _node_subgraphs(node):
+        for attr_name, body in node_subgraphs(node):
             names.update(subgraph_display_names(body, f"{prefix}{name}/{attr_name}/"))
     return names
 
 
-def _node_subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+def node_subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
     """(attribute name, body) of each graph attribute of ``node`` (GRAPHS lists get ``name[i]``)."""
     bodies: list[tuple[str, ir.Graph]] = []
     for attr in node.attributes.values():

@@ -46,7 +46,8 @@ class LowerStage:
 
     def run(self, state: CompileState) -> None:
         run_passes(lowering_passes(state), state.model)
-        in_bodies = [layer.name for layer in state.selected if layer.node.graph is not state.model.graph]
-        if state.options.fp16 and in_bodies:
+        in_bodies = [layer.name for layer in state.selected
+                     if state.options.fp16 and layer.node.graph is not state.model.graph]
+        if in_bodies:
             state.notes.append(f"--fp16 leaves If/Loop/Scan bodies in FP32: {len(in_bodies)} 2:4 layer(s) there run "
                                f"dense in a strongly typed TensorRT engine ({', '.join(in_bodies)})")
