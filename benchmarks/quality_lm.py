@@ -139,7 +139,7 @@ def train_and_export(cfg: LmConfig, folder: Path = LM_DIR) -> tuple[Path, dict[s
     train, _held, corpus = docstring_corpus()
     key = {"recipe": LM_RECIPE, "config": asdict(cfg), "corpus": corpus["sha256"], "torch": torch.__version__}
     path, meta_path = folder / f"tiny_lm_{cfg.tag}.onnx", folder / f"tiny_lm_{cfg.tag}.json"
-    if path.exists() and meta_path.exists():
+    if path.exists() and meta_path.exists() and _weights_path(path).exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key and meta.get("file_bytes") == path.stat().st_size:
             return path, meta
@@ -181,12 +181,27 @@ def train_and_export(cfg: LmConfig, folder: Path = LM_DIR) -> tuple[Path, dict[s
     error = float(np.abs(got - reference).max())
     if error > EXPORT_TOLERANCE:
         raise RuntimeError(f"tiny LM export disagrees with torch: max |Δ| {error:.3g}")
+    torch.save(model.state_dict(), _weights_path(path))  # recovery.py fine-tunes this very model
     os.replace(tmp, path)
     meta = {"key": key, "file_bytes": path.stat().st_size, "train_seconds": round(train_seconds, 1),
             "final_train_loss": round(float(np.mean(losses[-20:])), 4), "max_abs_error_vs_torch": error,
             "corpus": corpus, "parameters": int(sum(p.numel() for p in model.parameters()))}
     meta_path.write_text(json.dumps(meta, indent=2))
     return path, meta
+
+
+def _weights_path(onnx_path: Path) -> Path:
+    return onnx_path.with_suffix(".pt")
+
+
+def trained_module(cfg: LmConfig):
+    """The trained LM as a torch module (eval mode): the same weights as its cached ONNX export."""
+    import torch
+
+    path, _meta = train_and_export(cfg)
+    model = _model(cfg)
+    model.load_state_dict(torch.load(_weights_path(path), weights_only=True))
+    return model.eval()
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:

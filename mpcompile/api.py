@@ -43,8 +43,12 @@ def compile(  # noqa: A001 - the public name pipelines expect
     return compile_model(path, CompileOptions(**options))
 
 
-def apply_masks_to_torch(module: Any, result: CompileResult) -> dict[str, Any]:
+def apply_masks_to_torch(module: Any, result: CompileResult, *, load_weights: bool = False) -> dict[str, Any]:
     """Copy the 2:4 zero pattern of ``result`` onto a torch module's Linear/Conv weights.
+
+    ``load_weights=True`` copies the compiled sparse weights instead of only zeroing: the
+    data-aware methods (cast-obs, sparsegpt, admm) also update the weights they keep, and a
+    fine-tune should start from that one-shot model.
 
     Layers are matched by weight values up to a positive per-row scale (the exporters fold
     eval-mode BatchNorm into conv weights), so this works for modules exported by either
@@ -54,6 +58,6 @@ def apply_masks_to_torch(module: Any, result: CompileResult) -> dict[str, Any]:
     require_torch("applying masks to a torch module")
     from mpcompile.finetune import apply_masks, masks_from_compile
 
-    masks = masks_from_compile(module, result)
+    masks = masks_from_compile(module, result, load_weights=load_weights)
     apply_masks(module, masks)
     return masks

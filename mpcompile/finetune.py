@@ -37,6 +37,7 @@ __all__ = [
     "FinetuneResult",
     "accuracy",
     "apply_masks",
+    "distil",
     "distillation_loss",
     "export_masked_onnx",
     "finetune",
@@ -87,13 +88,17 @@ def _keep_to_param(keep: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return keep.reshape(shape[0], shape[2], shape[3], shape[1]).transpose(0, 3, 1, 2)
 
 
-def masks_from_compile(module: nn.Module, result: Any) -> dict[str, torch.Tensor]:
+def masks_from_compile(module: nn.Module, result: Any, *, load_weights: bool = False) -> dict[str, torch.Tensor]:
     """``{param name: bool keep-mask}`` for every module weight a compile result made 2:4.
 
     Layers are matched by value like :func:`mpcompile.api.apply_masks_to_torch`, and also up
     to a positive per-output-row scale: the exporter folds an eval-mode BatchNorm into the
     preceding conv (row i scaled by γ_i/√(var_i+ε)), which leaves the zero pattern unchanged
     but defeats exact matching.
+
+    ``load_weights``: also copy the compiled sparse weights into the module (row scale
+    undone). Data-aware methods (``cast-obs``, ``sparsegpt``, ``admm``) update the weights
+    they keep, so the mask alone is not the one-shot model a fine-tune should start from.
     """
     candidates = [(m.dense.astype(np.float64), m.sparse) for m in result.masks]
     masks: dict[str, torch.Tensor] = {}
@@ -110,6 +115,10 @@ def masks_from_compile(module: nn.Module, result: Any) -> dict[str, torch.Tensor
             scale = np.einsum("ij,ij->i", dense, matrix) / np.where(denom > 0, denom, 1.0)
             if np.all(scale > 0) and np.allclose(dense, scale[:, None] * matrix, rtol=1e-4, atol=1e-6):
                 masks[name] = torch.from_numpy(np.ascontiguousarray(_keep_to_param(sparse != 0, w.shape)))
+                if load_weights:
+                    unscaled = _keep_to_param(sparse.astype(np.float64) / scale[:, None], w.shape)
+                    with torch.no_grad():
+                        param.copy_(torch.from_numpy(np.ascontiguousarray(unscaled)).to(param.dtype))
                 used.add(index)
                 break
     if len(used) < len(candidates):
@@ -139,18 +148,33 @@ def distillation_loss(
     return (1.0 - alpha) * ce + alpha * tau * tau * kl
 
 
-def finetune(
+# forward(module, batch) -> output; loss(student_out, teacher_out, batch) -> scalar
+Forward = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+# on_epoch(epochs_done, student): called after each epoch with the student in eval mode
+EpochHook = Callable[[int, nn.Module], None]
+
+
+def distil(
     student: nn.Module,
     teacher: nn.Module,
-    train: tuple[Any, Any],
+    inputs: dict[str, Any],
     masks: dict[str, torch.Tensor],
+    loss: Loss,
+    forward: Forward,
     options: FinetuneOptions | None = None,
     progress: Progress | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> FinetuneResult:
-    """Distil ``teacher`` into ``student`` in place with the zero pattern ``masks`` frozen.
+    """Train ``student`` in place towards ``teacher``'s outputs with the zero pattern ``masks`` frozen.
 
-    AdamW with a cosine schedule over ``epochs``; after every step the masked weights are
-    re-zeroed, so the pattern cannot drift.
+    Why one loop for every model: a classifier (KD on logits), a sentence encoder (match the
+    dense hidden states) and a causal LM (KD per token) differ only in how a batch goes
+    through the model and what is compared, so those are the two callables. ``inputs`` are
+    arrays sharing their first axis (samples); the teacher's outputs are computed once. AdamW
+    with a cosine schedule over ``epochs``; after every step the masked weights are re-zeroed
+    (and their gradients zeroed before it, so Adam's moments never push them), so the
+    pattern TensorRT accelerates cannot drift.
     """
     opts = options or FinetuneOptions()
     if not masks:
@@ -159,28 +183,32 @@ def finetune(
     missing = set(masks) - set(params)
     if missing:
         raise UsageError(f"masks name parameters the model does not have: {sorted(missing)[:3]}")
-    x, y = (torch.as_tensor(np.asarray(a)) for a in train)
-    x, y = x.float(), y.long()
+    data = {name: torch.as_tensor(np.asarray(value)) for name, value in inputs.items()}
+    count = len(next(iter(data.values())))
+    if any(len(value) != count for value in data.values()):
+        raise UsageError("fine-tuning inputs must share their first (sample) axis")
     gen = torch.Generator().manual_seed(opts.seed)
     teacher.eval()
     with torch.no_grad():
-        teacher_logits = torch.cat([teacher(x[i : i + 512]) for i in range(0, len(x), 512)])
+        teacher_out = torch.cat([forward(teacher, {k: v[i : i + 512] for k, v in data.items()})
+                                 for i in range(0, count, 512)])
     optimizer = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    per_epoch = (len(x) + opts.batch_size - 1) // opts.batch_size
+    per_epoch = (count + opts.batch_size - 1) // opts.batch_size
     total = per_epoch * opts.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     keep = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
     apply_masks(student, masks)
     losses, step = [], 0
-    for _epoch in range(opts.epochs):
+    for epoch in range(opts.epochs):
         student.train()
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(count, generator=gen)
         running = 0.0
-        for start in range(0, len(x), opts.batch_size):
+        for start in range(0, count, opts.batch_size):
             idx = order[start : start + opts.batch_size]
-            loss = distillation_loss(student(x[idx]), teacher_logits[idx], y[idx], opts.alpha, opts.tau)
+            batch = {k: v[idx] for k, v in data.items()}
+            value = loss(forward(student, batch), teacher_out[idx], batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             for name, k in keep.items():
                 if params[name].grad is not None:
                     params[name].grad.mul_(k)
@@ -189,14 +217,33 @@ def finetune(
             with torch.no_grad():
                 for name, k in keep.items():
                     params[name].mul_(k)
-            running += float(loss.detach()) * len(idx)
+            running += float(value.detach()) * len(idx)
             step += 1
             if progress:
-                progress(step, total, float(loss.detach()))
-        losses.append(running / len(x))
+                progress(step, total, float(value.detach()))
+        losses.append(running / count)
+        student.eval()
+        if on_epoch:
+            on_epoch(epoch + 1, student)
     student.eval()
     nonzero = sum(int((params[n].detach()[~m] != 0).sum()) for n, m in masks.items())
     return FinetuneResult(losses, step, sorted(masks), nonzero, opts)
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    train: tuple[Any, Any],
+    masks: dict[str, torch.Tensor],
+    options: FinetuneOptions | None = None,
+    progress: Progress | None = None,
+) -> FinetuneResult:
+    """Distil a classifier ``teacher`` into ``student`` (KD on logits + CE on labels), mask frozen."""
+    opts = options or FinetuneOptions()
+    x, y = (torch.as_tensor(np.asarray(a)) for a in train)
+    return distil(student, teacher, {"x": x.float(), "labels": y.long()}, masks,
+                  loss=lambda s, t, batch: distillation_loss(s, t, batch["labels"], opts.alpha, opts.tau),
+                  forward=lambda module, batch: module(batch["x"]), options=opts, progress=progress)
 
 
 @torch.no_grad()
@@ -256,27 +303,33 @@ def _mark_sparse_nodes(proto: Any, masks: dict[str, np.ndarray]) -> list[str]:
 
 def export_masked_onnx(
     module: nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | Path,
     masks: dict[str, torch.Tensor],
     *,
     input_names: tuple[str, ...] = ("input",),
     output_names: tuple[str, ...] = ("logits",),
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
     opset: int = 17,
 ) -> tuple[Path, list[str]]:
-    """Legacy-exporter ONNX of ``module`` with the 2:4 nodes marked; returns (path, marked nodes)."""
+    """Legacy-exporter ONNX of ``module`` with the 2:4 nodes marked; returns (path, marked nodes).
+
+    ``example``: one input tensor or a tuple of them (one per ``input_names``); by default only
+    the batch axis of the first input and output is dynamic.
+    """
     import onnx
 
     module.eval()
+    args = example if isinstance(example, tuple) else (example,)
+    axes = dynamic_axes or {input_names[0]: {0: "N"}, output_names[0]: {0: "N"}}
     with tempfile.TemporaryDirectory(prefix="mpcompile-ft-") as tmp:
         raw = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, (example,), str(raw), dynamo=False, opset_version=opset,
+                module, args, str(raw), dynamo=False, opset_version=opset,
                 input_names=list(input_names), output_names=list(output_names),
-                dynamic_axes={input_names[0]: {0: "N"}, output_names[0]: {0: "N"}},
-                do_constant_folding=True,
+                dynamic_axes=axes, do_constant_folding=True,
             )
         proto = onnx.load(str(raw))
     marked = _mark_sparse_nodes(proto, {n: m.cpu().numpy().astype(bool) for n, m in masks.items()})
@@ -354,8 +407,7 @@ def finetune_bundled(
         calib = str(write_split_npz("calib", work / "calib.npz", input_name=input_name, model=name))
     result = compile_model(exported, CompileOptions(permute=False, method=method, calib=calib,
                                                     output=str(work / f"{name}.oneshot.onnx")))
-    masks = masks_from_compile(student, result)
-    apply_masks(student, masks)
+    masks = masks_from_compile(student, result, load_weights=True)  # data methods update kept weights
     dense_acc, oneshot_acc = accuracy(teacher, test), accuracy(student, test)
     trained = finetune(student, teacher, _bundled_split(name, "train"), masks, opts, progress)
     tuned_acc = accuracy(student, test)
