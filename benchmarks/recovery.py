@@ -217,14 +217,15 @@ def docstring_sentences(text: bytes, count: int, seed: int = 0) -> list[str]:
 
 
 def minilm_recipe(folder: Path, sentences: int) -> Recipe:
+    from benchmarks import quality, quality_lm
+
+    model_dir, _version = quality._minilm_source()  # before transformers is imported (offline, torchvision)
     import torch
     from transformers import AutoModel
 
-    from benchmarks import quality, quality_lm
     from mpcompile.finetune import export_masked_onnx
 
     onnx_path, _meta = quality.export_minilm()
-    model_dir, _version = quality._minilm_source()
     tokenizer = quality._tokenizer(model_dir)
     teacher = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
     calib = folder / "minilm_calib.npz"
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, help="JSON path (default benchmarks/results/recovery[_quick].json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    models = args.models or (["tiny_lm"] if args.quick else ["tiny_lm", "minilm"])
+    models = args.models or (["tiny_lm"] if args.quick else ["minilm", "tiny_lm"])
     epochs, scored = (1, (1,)) if args.quick else (EPOCHS, SCORED_EPOCHS)
     t0 = time.perf_counter()
     runs = []
