@@ -81,13 +81,17 @@ class Variant:
 
     ``role``: ``baseline`` (what the goal compares against), ``ours`` (the project's default,
     cast-obs = CAST's exact per-group pattern choice + OBS compensation, with permutation),
-    ``ablation`` (plain CAST with/without permutation).
+    ``ablation`` (plain CAST with/without permutation, and the dense-calibration rows).
+    ``calibration``: ``sequential`` (the SparseGPT/Wanda reference protocol, mpcompile's
+    default: each depth group of layers calibrated on the model with the earlier groups
+    already 2:4) or ``dense`` (one capture over the dense model, the ablation).
     """
 
     label: str
     method: str
     permute: bool
     role: str
+    calibration: str = "sequential"
 
 
 VARIANTS = (
@@ -104,7 +108,12 @@ VARIANTS = (
     Variant("cast-obs+perm (default)", "cast-obs", True, "ours"),
     # ADMM (Boža 2024) + CG to the exact least-squares weights: the candidate for the default.
     Variant("admm+perm", "admm", True, "candidate"),
+    # Issue 13's ablation: the same two methods with statistics from one pass over the dense model.
+    Variant("sparsegpt (dense calib)", "sparsegpt", False, "ablation", "dense"),
+    Variant("cast-obs+perm (dense calib)", "cast-obs", True, "ablation", "dense"),
 )
+ABLATION_PAIRS = (("sparsegpt", "sparsegpt (dense calib)"),
+                  ("cast-obs+perm (default)", "cast-obs+perm (dense calib)"))
 QUICK_LABELS = ("magnitude", "magnitude+perm (ASP-style)", "wanda", "sparsegpt", "cast-obs+perm (default)",
                 "admm+perm")
 OURS = "cast-obs+perm (default)"
@@ -527,20 +536,23 @@ def run_one(bench: Bench, variant: Variant, setting: Setting, out_dir: Path) -> 
     """Compile one (model, method, order, target) and score it; errors are recorded, not raised."""
     from mpcompile.pipeline import CompileOptions, compile_model
 
-    out = out_dir / f"{bench.name}.{variant.method}{'.perm' if variant.permute else ''}.{setting.target:g}.{setting.order}.onnx"
+    out = out_dir / (f"{bench.name}.{variant.method}{'.perm' if variant.permute else ''}.{variant.calibration}."
+                     f"{setting.target:g}.{setting.order}.onnx")
     record: dict[str, Any] = {"model": bench.name, "variant": variant.label, "method": variant.method,
                               "permute": variant.permute, "role": variant.role, "target": setting.target,
-                              "order": setting.order, "key": setting.key}
+                              "order": setting.order, "key": setting.key, "calibration": variant.calibration}
     start = time.perf_counter()
     try:
         result = compile_model(bench.path, CompileOptions(
             method=variant.method, permute=variant.permute, target=setting.target, order=setting.order,
             calib=str(bench.calib), eval_data=str(bench.eval_data) if bench.eval_data else None,
-            output=str(out)))
+            calibration=variant.calibration, output=str(out)))
         record["metrics"] = bench.score(result, result.output_path)
         v = result.validation
         record.update({
             "check_ok": result.check_ok,
+            "calibration_protocol": result.calibration_protocol,
+            "capture_passes": result.capture_passes,
             "sparse_fraction_of_eligible": round(result.selection.selected_fraction, 4),
             "sparse_layers": result.selection.selected_names,
             "permutations_applied": sum(p.folded or p.gather_inserted for p in result.permutations),
@@ -633,8 +645,10 @@ def markdown(report: dict[str, Any]) -> str:
              "Wanda+perm, SparseGPT+perm; each at its better order) at every target. The *ours @ drift* rows judge "
              f"the same goal with `--order drift`, the *({CANDIDATE})* rows with the ADMM mask method "
              "(the candidate for the default) in place of ours. Perplexity is lower-is-better, every other "
-             "metric higher-is-better. The benchmark's own calibration runs one pass over the dense model "
-             "for every method (not the reference code's block-sequential protocol)."), ""]
+             "metric higher-is-better. Every method (ours and the baselines) is calibrated under the reference "
+             "code's sequential protocol (mpcompile's default `--calibration sequential`: each depth group of "
+             "layers captured on the model with the earlier groups already 2:4); the *(dense calib)* rows are "
+             "the ablation with one capture over the dense model (`--calibration dense`)."), ""]
     lines += ["## Summary", "",
               "| model | metric | dense | target | ours | best baseline | cast+perm (literal) | goal met? |",
               "|---|---|---|---|---|---|---|---|"]
@@ -660,6 +674,7 @@ def markdown(report: dict[str, Any]) -> str:
                         lines[-1] = lines[-1].replace(f"| {metric} |", f"| {metric} (lower is better) |", 1)
             lines.append(f"| **{model['name']}{suffix}** | | | | | | | **{'yes' if goal['met'] else 'no'}** |")
     lines.append("")
+    lines += ablation_lines(report)
     for model in report["models"]:
         runs = [r for r in report["runs"] if r["model"] == model["name"]]
         keys = [s.key for s in SETTINGS]
@@ -694,6 +709,31 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append("- one test image = 0.28 % accuracy; differences of one or two images are noise-level")
         lines.append("")
     return "\n".join(lines)
+
+
+def ablation_lines(report: dict[str, Any]) -> list[str]:
+    """Sequential vs dense calibration, same method, model and setting (primary metric)."""
+    rows = []
+    for model in report["models"]:
+        runs = [r for r in report["runs"] if r["model"] == model["name"] and "metrics" in r]
+        metric = model["primary_metric"]
+        for sequential, dense in ABLATION_PAIRS:
+            for key in [s.key for s in SETTINGS]:
+                seq = next((r for r in runs if r["variant"] == sequential and r["key"] == key), None)
+                den = next((r for r in runs if r["variant"] == dense and r["key"] == key), None)
+                if seq is None or den is None:
+                    continue
+                a, b = seq["metrics"][metric], den["metrics"][metric]
+                better = (a < b if metric in LOWER_IS_BETTER else a > b)
+                rows.append(f"| {model['name']} | {sequential} | {key} | {metric} | {_fmt(metric, a)} "
+                            f"({seq.get('capture_passes', '?')} passes) | {_fmt(metric, b)} | "
+                            f"{'sequential' if better else 'tie' if a == b else 'dense'} |")
+    if not rows:
+        return []
+    return ["## Ablation: sequential vs dense calibration", "",
+            "Same method, model and setting; only `--calibration` differs (primary metric).", "",
+            "| model | method | setting | metric | sequential | dense | better |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -745,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                 for setting in bench.settings or SETTINGS:
                     if setting.order in OURS_ONLY_ORDERS and variant.label != OURS:
                         continue
+                    if variant.calibration == "dense" and setting.order == "graph":
+                        continue  # the ablation: mp order at 0.5 and all layers suffice
                     record = run_one(bench, variant, setting, folder)
                     mine.append(record)
                     shown = record.get("metrics") or record.get("error")
