@@ -756,14 +756,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", choices=("digits_cnn", "digits_vit", "minilm", "tiny_lm", "minilm128"),
                         help="subset of models (default: all; --quick: the digits models)")
     parser.add_argument("--variants", nargs="*", choices=[v.label for v in VARIANTS], metavar="LABEL",
-                        help="subset of methods by label (default: all; --quick: fewer)")
+                        help="subset of methods by label (default: all; --quick: fewer); given, exactly these run "
+                             "on every model, quick or not")
+    parser.add_argument("--settings", nargs="*", choices=[s.key for s in SETTINGS], metavar="KEY",
+                        help="subset of settings by key, e.g. 1/all 0.5/mp (default: each model's own)")
     parser.add_argument("-o", "--output", type=Path, help="JSON path (default benchmarks/results/quality[_quick].json)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="instead of running: merge reports of runs over disjoint --models subsets (run "
+                             "side by side) into one (-o, default benchmarks/results/quality.json)")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_reports(args.merge, args.output or RESULTS_DIR / "quality.json")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     models = args.models or (["digits_cnn", "digits_vit", "tiny_lm"] if args.quick
                              else ["digits_cnn", "digits_vit", "minilm", "tiny_lm", "minilm128"])
-    labels = [v.label for v in VARIANTS if (not args.quick or v.label in QUICK_LABELS)
-              and (not args.variants or v.label in args.variants)]
+    labels = [v.label for v in VARIANTS if (v.label in args.variants if args.variants
+                                            else not args.quick or v.label in QUICK_LABELS)]
     variants = [v for v in VARIANTS if v.label in labels]
 
     import tempfile
@@ -778,11 +786,14 @@ def main(argv: list[str] | None = None) -> int:
                      else minilm128_bench(folder) if name == "minilm128" else digits_bench(name, folder))
             print(f"== {bench.name}: {bench.description}", flush=True)
             mine = []
-            model_labels = [label for label in labels if bench.labels is None or label in bench.labels]
+            model_labels = [label for label in labels
+                            if args.variants or bench.labels is None or label in bench.labels]
             for variant in variants:
                 if variant.label not in model_labels:
                     continue
                 for setting in bench.settings or SETTINGS:
+                    if args.settings and setting.key not in args.settings:
+                        continue
                     if setting.order in OURS_ONLY_ORDERS and variant.label != OURS:
                         continue
                     if variant.calibration == "dense" and setting.order == "graph":
@@ -823,6 +834,21 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or RESULTS_DIR / f"{stem}.json"
     save_results(report, out, markdown(report))
     print(f"\nsaved {out} and {out.with_suffix('.md')} ({report['seconds']} s)")
+    return 1 if report["errors"] else 0
+
+
+def merge_reports(paths: list[Path], out: Path) -> int:
+    """One report from several over disjoint models: the first one's header, every model and run."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    report = dict(parts[0])
+    for key in ("models", "runs", "errors"):
+        report[key] = [item for part in parts for item in part[key]]
+    report["command"] = " + ".join(part["command"] for part in parts)
+    report["seconds"] = round(sum(part["seconds"] for part in parts), 1)
+    report["goal_met_all_models"] = all(m["goal"]["met"] for m in report["models"])
+    print_summary(report)
+    save_results(report, out, markdown(report))
+    print(f"\nsaved {out} and {out.with_suffix('.md')} (merged {len(parts)} reports)")
     return 1 if report["errors"] else 0
 
 
