@@ -838,11 +838,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge_reports(paths: list[Path], out: Path) -> int:
-    """One report from several over disjoint models: the first one's header, every model and run."""
+    """One report from several (run side by side, or a model's settings in separate runs): the
+    first one's header, every run; a model's verdicts are recomputed over all its runs."""
+    from types import SimpleNamespace
+
     parts = [json.loads(Path(p).read_text()) for p in paths]
     report = dict(parts[0])
-    for key in ("models", "runs", "errors"):
-        report[key] = [item for part in parts for item in part[key]]
+    runs = [run for part in parts for run in part["runs"]]
+    models: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for model in part["models"]:
+            models.setdefault(model["name"], dict(model))
+    for name, model in models.items():
+        mine = [r for r in runs if r["model"] == name]
+        labels = [v.label for v in VARIANTS if any(r["variant"] == v.label for r in mine)]
+        bench = SimpleNamespace(name=name, metrics=tuple(model["metrics"]))
+        model["variants"] = labels
+        model["goal"] = goal_check(bench, mine, labels, OURS)
+        model["goal_drift"] = (goal_check(bench, mine, labels, OURS, order="drift")
+                               if any(r["order"] == "drift" and r["variant"] == OURS for r in mine) else None)
+        model["goal_cast_perm"] = goal_check(bench, mine, labels, OURS_LITERAL) if OURS_LITERAL in labels else None
+        model["goal_candidate"] = goal_check(bench, mine, labels, CANDIDATE) if CANDIDATE in labels else None
+    report["models"], report["runs"] = list(models.values()), runs
+    report["variants"] = [asdict(v) for v in VARIANTS if any(r["variant"] == v.label for r in runs)]
+    report["errors"] = [e for part in parts for e in part["errors"]]
     report["command"] = " + ".join(part["command"] for part in parts)
     report["seconds"] = round(sum(part["seconds"] for part in parts), 1)
     report["goal_met_all_models"] = all(m["goal"]["met"] for m in report["models"])
