@@ -81,13 +81,17 @@ class Variant:
 
     ``role``: ``baseline`` (what the goal compares against), ``ours`` (the project's default,
     cast-obs = CAST's exact per-group pattern choice + OBS compensation, with permutation),
-    ``ablation`` (plain CAST with/without permutation).
+    ``ablation`` (plain CAST with/without permutation, and the dense-calibration rows).
+    ``calibration``: ``sequential`` (the SparseGPT/Wanda reference protocol, mpcompile's
+    default: each depth group of layers calibrated on the model with the earlier groups
+    already 2:4) or ``dense`` (one capture over the dense model, the ablation).
     """
 
     label: str
     method: str
     permute: bool
     role: str
+    calibration: str = "sequential"
 
 
 VARIANTS = (
@@ -104,7 +108,12 @@ VARIANTS = (
     Variant("cast-obs+perm (default)", "cast-obs", True, "ours"),
     # ADMM (Boža 2024) + CG to the exact least-squares weights: the candidate for the default.
     Variant("admm+perm", "admm", True, "candidate"),
+    # Issue 13's ablation: the same two methods with statistics from one pass over the dense model.
+    Variant("sparsegpt (dense calib)", "sparsegpt", False, "ablation", "dense"),
+    Variant("cast-obs+perm (dense calib)", "cast-obs", True, "ablation", "dense"),
 )
+ABLATION_PAIRS = (("sparsegpt", "sparsegpt (dense calib)"),
+                  ("cast-obs+perm (default)", "cast-obs+perm (dense calib)"))
 QUICK_LABELS = ("magnitude", "magnitude+perm (ASP-style)", "wanda", "sparsegpt", "cast-obs+perm (default)",
                 "admm+perm")
 OURS = "cast-obs+perm (default)"
@@ -527,20 +536,23 @@ def run_one(bench: Bench, variant: Variant, setting: Setting, out_dir: Path) -> 
     """Compile one (model, method, order, target) and score it; errors are recorded, not raised."""
     from mpcompile.pipeline import CompileOptions, compile_model
 
-    out = out_dir / f"{bench.name}.{variant.method}{'.perm' if variant.permute else ''}.{setting.target:g}.{setting.order}.onnx"
+    out = out_dir / (f"{bench.name}.{variant.method}{'.perm' if variant.permute else ''}.{variant.calibration}."
+                     f"{setting.target:g}.{setting.order}.onnx")
     record: dict[str, Any] = {"model": bench.name, "variant": variant.label, "method": variant.method,
                               "permute": variant.permute, "role": variant.role, "target": setting.target,
-                              "order": setting.order, "key": setting.key}
+                              "order": setting.order, "key": setting.key, "calibration": variant.calibration}
     start = time.perf_counter()
     try:
         result = compile_model(bench.path, CompileOptions(
             method=variant.method, permute=variant.permute, target=setting.target, order=setting.order,
             calib=str(bench.calib), eval_data=str(bench.eval_data) if bench.eval_data else None,
-            output=str(out)))
+            calibration=variant.calibration, output=str(out)))
         record["metrics"] = bench.score(result, result.output_path)
         v = result.validation
         record.update({
             "check_ok": result.check_ok,
+            "calibration_protocol": result.calibration_protocol,
+            "capture_passes": result.capture_passes,
             "sparse_fraction_of_eligible": round(result.selection.selected_fraction, 4),
             "sparse_layers": result.selection.selected_names,
             "permutations_applied": sum(p.folded or p.gather_inserted for p in result.permutations),
@@ -633,8 +645,10 @@ def markdown(report: dict[str, Any]) -> str:
              "Wanda+perm, SparseGPT+perm; each at its better order) at every target. The *ours @ drift* rows judge "
              f"the same goal with `--order drift`, the *({CANDIDATE})* rows with the ADMM mask method "
              "(the candidate for the default) in place of ours. Perplexity is lower-is-better, every other "
-             "metric higher-is-better. The benchmark's own calibration runs one pass over the dense model "
-             "for every method (not the reference code's block-sequential protocol)."), ""]
+             "metric higher-is-better. Every method (ours and the baselines) is calibrated under the reference "
+             "code's sequential protocol (mpcompile's default `--calibration sequential`: each depth group of "
+             "layers captured on the model with the earlier groups already 2:4); the *(dense calib)* rows are "
+             "the ablation with one capture over the dense model (`--calibration dense`)."), ""]
     lines += ["## Summary", "",
               "| model | metric | dense | target | ours | best baseline | cast+perm (literal) | goal met? |",
               "|---|---|---|---|---|---|---|---|"]
@@ -660,6 +674,7 @@ def markdown(report: dict[str, Any]) -> str:
                         lines[-1] = lines[-1].replace(f"| {metric} |", f"| {metric} (lower is better) |", 1)
             lines.append(f"| **{model['name']}{suffix}** | | | | | | | **{'yes' if goal['met'] else 'no'}** |")
     lines.append("")
+    lines += ablation_lines(report)
     for model in report["models"]:
         runs = [r for r in report["runs"] if r["model"] == model["name"]]
         keys = [s.key for s in SETTINGS]
@@ -696,6 +711,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ablation_lines(report: dict[str, Any]) -> list[str]:
+    """Sequential vs dense calibration, same method, model and setting (primary metric)."""
+    rows = []
+    for model in report["models"]:
+        runs = [r for r in report["runs"] if r["model"] == model["name"] and "metrics" in r]
+        metric = model["primary_metric"]
+        for sequential, dense in ABLATION_PAIRS:
+            for key in [s.key for s in SETTINGS]:
+                seq = next((r for r in runs if r["variant"] == sequential and r["key"] == key), None)
+                den = next((r for r in runs if r["variant"] == dense and r["key"] == key), None)
+                if seq is None or den is None:
+                    continue
+                a, b = seq["metrics"][metric], den["metrics"][metric]
+                better = (a < b if metric in LOWER_IS_BETTER else a > b)
+                rows.append(f"| {model['name']} | {sequential} | {key} | {metric} | {_fmt(metric, a)} "
+                            f"({seq.get('capture_passes', '?')} passes) | {_fmt(metric, b)} | "
+                            f"{'sequential' if better else 'tie' if a == b else 'dense'} |")
+    if not rows:
+        return []
+    return ["## Ablation: sequential vs dense calibration", "",
+            "Same method, model and setting; only `--calibration` differs (primary metric).", "",
+            "| model | method | setting | metric | sequential | dense | better |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
+
+
 def print_summary(report: dict[str, Any]) -> None:
     for model in report["models"]:
         drift = model.get("goal_drift")
@@ -716,14 +756,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", choices=("digits_cnn", "digits_vit", "minilm", "tiny_lm", "minilm128"),
                         help="subset of models (default: all; --quick: the digits models)")
     parser.add_argument("--variants", nargs="*", choices=[v.label for v in VARIANTS], metavar="LABEL",
-                        help="subset of methods by label (default: all; --quick: fewer)")
+                        help="subset of methods by label (default: all; --quick: fewer); given, exactly these run "
+                             "on every model, quick or not")
+    parser.add_argument("--settings", nargs="*", choices=[s.key for s in SETTINGS], metavar="KEY",
+                        help="subset of settings by key, e.g. 1/all 0.5/mp (default: each model's own)")
     parser.add_argument("-o", "--output", type=Path, help="JSON path (default benchmarks/results/quality[_quick].json)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="instead of running: merge reports of runs over disjoint --models subsets (run "
+                             "side by side) into one (-o, default benchmarks/results/quality.json)")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_reports(args.merge, args.output or RESULTS_DIR / "quality.json")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     models = args.models or (["digits_cnn", "digits_vit", "tiny_lm"] if args.quick
                              else ["digits_cnn", "digits_vit", "minilm", "tiny_lm", "minilm128"])
-    labels = [v.label for v in VARIANTS if (not args.quick or v.label in QUICK_LABELS)
-              and (not args.variants or v.label in args.variants)]
+    labels = [v.label for v in VARIANTS if (v.label in args.variants if args.variants
+                                            else not args.quick or v.label in QUICK_LABELS)]
     variants = [v for v in VARIANTS if v.label in labels]
 
     import tempfile
@@ -738,13 +786,18 @@ def main(argv: list[str] | None = None) -> int:
                      else minilm128_bench(folder) if name == "minilm128" else digits_bench(name, folder))
             print(f"== {bench.name}: {bench.description}", flush=True)
             mine = []
-            model_labels = [label for label in labels if bench.labels is None or label in bench.labels]
+            model_labels = [label for label in labels
+                            if args.variants or bench.labels is None or label in bench.labels]
             for variant in variants:
                 if variant.label not in model_labels:
                     continue
                 for setting in bench.settings or SETTINGS:
+                    if args.settings and setting.key not in args.settings:
+                        continue
                     if setting.order in OURS_ONLY_ORDERS and variant.label != OURS:
                         continue
+                    if variant.calibration == "dense" and setting.order == "graph":
+                        continue  # the ablation: mp order at 0.5 and all layers suffice
                     record = run_one(bench, variant, setting, folder)
                     mine.append(record)
                     shown = record.get("metrics") or record.get("error")
@@ -781,6 +834,40 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or RESULTS_DIR / f"{stem}.json"
     save_results(report, out, markdown(report))
     print(f"\nsaved {out} and {out.with_suffix('.md')} ({report['seconds']} s)")
+    return 1 if report["errors"] else 0
+
+
+def merge_reports(paths: list[Path], out: Path) -> int:
+    """One report from several (run side by side, or a model's settings in separate runs): the
+    first one's header, every run; a model's verdicts are recomputed over all its runs."""
+    from types import SimpleNamespace
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    report = dict(parts[0])
+    runs = [run for part in parts for run in part["runs"]]
+    models: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for model in part["models"]:
+            models.setdefault(model["name"], dict(model))
+    for name, model in models.items():
+        mine = [r for r in runs if r["model"] == name]
+        labels = [v.label for v in VARIANTS if any(r["variant"] == v.label for r in mine)]
+        bench = SimpleNamespace(name=name, metrics=tuple(model["metrics"]))
+        model["variants"] = labels
+        model["goal"] = goal_check(bench, mine, labels, OURS)
+        model["goal_drift"] = (goal_check(bench, mine, labels, OURS, order="drift")
+                               if any(r["order"] == "drift" and r["variant"] == OURS for r in mine) else None)
+        model["goal_cast_perm"] = goal_check(bench, mine, labels, OURS_LITERAL) if OURS_LITERAL in labels else None
+        model["goal_candidate"] = goal_check(bench, mine, labels, CANDIDATE) if CANDIDATE in labels else None
+    report["models"], report["runs"] = list(models.values()), runs
+    report["variants"] = [asdict(v) for v in VARIANTS if any(r["variant"] == v.label for r in runs)]
+    report["errors"] = [e for part in parts for e in part["errors"]]
+    report["command"] = " + ".join(part["command"] for part in parts)
+    report["seconds"] = round(sum(part["seconds"] for part in parts), 1)
+    report["goal_met_all_models"] = all(m["goal"]["met"] for m in report["models"])
+    print_summary(report)
+    save_results(report, out, markdown(report))
+    print(f"\nsaved {out} and {out.with_suffix('.md')} (merged {len(parts)} reports)")
     return 1 if report["errors"] else 0
 
 

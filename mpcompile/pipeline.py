@@ -3,8 +3,8 @@
 Each stage is a module under ``mpcompile/stages/`` with one job (the README's pipeline
 table maps each to its module); this module only lists them and owns the run's outputs.
 The layer-wise group (calibrate → permute → mask) can be re-run over subsets of layers
-(``run_stages(LAYER_STAGES, state, layers=chunk)``): sequential calibration is a loop over
-that group, not another pipeline.
+(``run_stages(LAYER_STAGES, state, layers=chunk)``): sequential calibration (the default,
+``stages/sequential.py``) is a loop over that group by depth, not another pipeline.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mpcompile.stages.permute import PermuteStage
 from mpcompile.stages.reference import ReferenceStage
 from mpcompile.stages.result import CompileResult, result_of
 from mpcompile.stages.select import SelectStage
+from mpcompile.stages.sequential import run_layer_stages
 from mpcompile.stages.spectra import SpectraStage
 from mpcompile.stages.speedup import SpeedupStage
 from mpcompile.stages.state import CompileState, PermutationRecord, Stage, run_stages
@@ -73,7 +74,9 @@ def _compile_into(path: str | os.PathLike, opts: CompileOptions, progress: Progr
     """The pipeline, writing into ``files`` (staged; the caller commits)."""
     check_options(opts)
     state = CompileState(path, opts, files, progress)
-    run_stages(COMPILE_STAGES, state)
+    run_stages(FRONT_STAGES, state)
+    run_layer_stages(LAYER_STAGES, state)  # once, or once per depth group (--calibration sequential)
+    run_stages(BACK_STAGES, state)
     state.timings["total"] = time.perf_counter() - state.t0
     run_stages(REPORT_STAGES, state)
     return result_of(state)

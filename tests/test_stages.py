@@ -57,7 +57,7 @@ def test_every_compile_stage_follows_the_protocol_in_pipeline_order():
 
 
 def test_stages_by_hand_give_what_compile_model_gives(tmp_path, calib):
-    opts = dict(method="cast", calib=calib, perm_steps=20, output=str(tmp_path / "out.onnx"))
+    opts = dict(method="cast", calib=calib, perm_steps=20, output=str(tmp_path / "out.onnx"), calibration="dense")
     result = compile_model(bundled_model_path(MODEL), CompileOptions(**opts))
     staged = _staged(CompileOptions(**opts))
     assert result.check_ok and staged["check_ok"]

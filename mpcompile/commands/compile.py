@@ -21,10 +21,11 @@ from mpcompile.report.console import progress_callback, stderr_console, stdout_c
 from mpcompile.errors import EXIT_CHECK_FAILED
 from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
+from mpcompile.stages.options import CALIBRATION_PROTOCOLS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
 from mpcompile.io.model_io import default_output_path
 from mpcompile.io.outputs import RunOutputs, protected_files
-from mpcompile.report.figures import macs_cell, selection_summary, speedup_summary
+from mpcompile.report.figures import calibration_protocol_summary, macs_cell, selection_summary, speedup_summary
 from mpcompile.report.json_report import dumps
 from mpcompile.selection.orders import ORDERS
 
@@ -100,6 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--calib", metavar="DATA", help="calibration inputs (.npz or folder of .npy)")
     data.add_argument("--eval", dest="eval_data", metavar="DATA",
                       help="evaluation inputs (+ labels) for the dense-vs-sparse comparison (default: calibration data)")
+    data.add_argument("--calibration", choices=CALIBRATION_PROTOCOLS, default="sequential",
+                      help="sequential: layers are calibrated depth group by depth group, each on the model with "
+                           "the earlier groups already 2:4, as the SparseGPT/Wanda reference code does (one capture "
+                           "pass per group, e.g. 4 per transformer block); dense: one capture over the dense model "
+                           "(faster, usually less accurate) (default sequential)")
     data.add_argument("--calib-samples", type=int, default=256, help="use at most this many calibration samples")
     data.add_argument("--batch-size", type=int, default=8,
                       help="ONNX Runtime batch size (default 8: bounds activation memory on big models)")
@@ -125,6 +131,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         calib=args.calib,
         eval_data=args.eval_data,
         calib_samples=args.calib_samples,
+        calibration=args.calibration,
         batch_size=args.batch_size,
         conv=args.conv,
         fp16=args.fp16,
@@ -156,6 +163,8 @@ def render_compile_summary(result: CompileResult, console) -> None:
     sel = result.selection
     summary = selection_summary({**sel.macs_report(), "sparse_layers": len(sel.selected_names)})
     console.print(f"method {result.method}; {summary}; calibration: {result.calibration_source}")
+    protocol = {"protocol": result.calibration_protocol, "capture_passes": result.capture_passes}
+    console.print(f"calibration protocol: {calibration_protocol_summary(protocol)}")
     folded = [p for p in result.permutations if p.folded]
     if result.permutations:
         console.print(

@@ -13,7 +13,7 @@ from typing import Any
 
 from mpcompile.report.console import format_count
 
-__all__ = ["UNKNOWN", "macs_cell", "macs_summary", "selection_summary", "speedup_summary", "unknown_macs_note"]
+__all__ = ["UNKNOWN", "calibration_protocol_summary", "macs_cell", "macs_summary", "selection_summary", "speedup_summary", "unknown_macs_note"]
 
 UNKNOWN = "–"
 
@@ -56,3 +56,14 @@ def speedup_summary(item: dict[str, Any]) -> str:
     return (f"{item['gpu']} ({item['kind']}, {item.get('precision', 'fp16').upper()}{shapes}): "
             f"{item['speedup']:.2f}× end to end, {item['gemm_speedup']:.2f}× on GEMMs; "
             f"Amdahl bound {item['amdahl_bound']:.2f}×" + unknown_macs_note(item))
+
+
+def calibration_protocol_summary(item: dict[str, Any] | None) -> str:
+    """How the layer statistics were taken, one phrase (JSON ``calibration_protocol``)."""
+    protocol = (item or {}).get("protocol")
+    passes = (item or {}).get("capture_passes", 0)
+    if protocol is None:
+        return "none (data-free method)"
+    how = ("each depth group captured on the model with the earlier groups already 2:4" if protocol == "sequential"
+           else "one capture over the dense model")
+    return f"{protocol} ({how}; {passes} capture pass{'es' if passes != 1 else ''})"

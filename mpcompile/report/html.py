@@ -19,7 +19,7 @@ import numpy as np
 
 from mpcompile.errors import OptionalDependencyError
 from mpcompile.numerics.mp_law import matrix_eigenvalues, mp_density
-from mpcompile.report.figures import macs_cell, selection_summary, speedup_summary, unknown_macs_note
+from mpcompile.report.figures import calibration_protocol_summary, macs_cell, selection_summary, speedup_summary, unknown_macs_note
 
 __all__ = ["render_markdown", "render_html", "write_reports"]
 
@@ -168,6 +168,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if "method" in report:
         lines.append(f"- method **{report['method']}**, {selection_summary(report['selection'])}")
         lines.append(f"- calibration: {report['calibration']}")
+        lines.append(f"- calibration protocol: {calibration_protocol_summary(report.get('calibration_protocol'))}")
         lines.append(f"- independent 2:4 check: {'passed' if report['check']['ok'] else 'FAILED'}")
     lines += [f"- {line}" for line in validation_lines(report)]
     for item in report.get("speedup", []) or []:
@@ -303,7 +304,8 @@ def render_html(report: dict[str, Any], analysis_layers=None) -> str:
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     meta = (f"<p class=muted>created {html.escape(str(report.get('created')))} by mpcompile "
             f"{html.escape(str(report.get('tool', {}).get('version')))} (<code>{html.escape(str(report.get('command')))}</code>)"
-            f"{', method ' + html.escape(str(report['method'])) if 'method' in report else ''}</p>")
+            f"{', method ' + html.escape(str(report['method'])) if 'method' in report else ''}"
+            f"{'; calibration protocol ' + html.escape(calibration_protocol_summary(report.get('calibration_protocol'))) if 'method' in report else ''}</p>")
     title = html.escape(Path(report.get("model", {}).get("path", "?")).name)
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>mpcompile report — {title}</title>"

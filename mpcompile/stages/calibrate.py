@@ -31,6 +31,9 @@ class CalibrateStage:
         opts, layers = state.options, state.layers_in_scope()
         # The dense outputs come with the first capture, while the model is still dense.
         want_outputs = state.from_capture and state.dense_eval_all is None
+        if not layers and not want_outputs:
+            return
+        state.capture_passes += 1
         with state.progress("calibration", len(layers)) as advance:
             outputs: list[np.ndarray] = []
             with dense_model_errors():

@@ -14,7 +14,7 @@ from mpcompile.errors import UsageError
 from mpcompile.io.calibration import load_calibration, shapes_from_calibration, synthetic_inputs
 from mpcompile.io.model_io import default_output_path, load_model
 from mpcompile.io.outputs import protected_files
-from mpcompile.stages.options import CompileOptions
+from mpcompile.stages.options import CALIBRATION_PROTOCOLS, CompileOptions
 from mpcompile.stages.state import CompileState
 
 __all__ = ["LoadStage", "check_options"]
@@ -25,6 +25,8 @@ def check_options(opts: CompileOptions) -> None:
         raise UsageError(f"--conv must be 'native' or 'im2col', got {opts.conv!r}")
     if opts.perm_steps is not None and opts.perm_steps < 0:
         raise UsageError(f"--perm-steps must be >= 0, got {opts.perm_steps}")
+    if opts.calibration not in CALIBRATION_PROTOCOLS:
+        raise UsageError(f"--calibration must be one of {', '.join(CALIBRATION_PROTOCOLS)}, got {opts.calibration!r}")
     if opts.perm_time_budget < 0:
         raise UsageError(f"--perm-time must be >= 0 seconds, got {opts.perm_time_budget:g}")
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from mpcompile.analyze import AnalyzeOptions
 from mpcompile.io.shapes import ShapeSpec
 
-__all__ = ["CompileOptions", "DATA_METHODS", "ProgressFactory", "no_progress"]
+__all__ = ["CALIBRATION_PROTOCOLS", "CompileOptions", "DATA_METHODS", "ProgressFactory", "no_progress"]
 
 DATA_METHODS = {"cast", "cast-obs", "wanda", "sparsegpt", "admm"}
+CALIBRATION_PROTOCOLS = ("sequential", "dense")
 # (description, total) -> context manager yielding advance(label)
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[str], None]]]
 
@@ -41,6 +42,9 @@ class CompileOptions:
     synthetic_samples: int = 16
     batch_size: int = 8
     conv: str = "native"
+    # sequential: each depth group of layers is calibrated on the model with the earlier groups
+    # already 2:4 (the SparseGPT/Wanda reference protocol); dense: one pass over the dense model.
+    calibration: str = "sequential"
     fp16: bool = False
     output: str | None = None
     # Replace an existing output. The Python API does (as it always has); the CLI asks for --force.

@@ -44,6 +44,8 @@ class PermuteStage:
         records: list[PermutationRecord | None] = []
         done: set[ir.Node] = set()
         selected_nodes = {layer.node for layer in state.selected}
+        masked = {m.layer for m in state.masks}
+        masked.update(n for layer in state.selected if layer.name in masked for n in layer.shared_with)
         groups: dict[int, tuple] = {}  # record index -> (plan, consumers)
         problems: dict[int, np.ndarray] = {}
         with state.progress("channel permutation", len(layers)) as advance:
@@ -54,6 +56,11 @@ class PermuteStage:
                 consumers = plan.consumers or [layer]
                 names = [c.name for c in consumers]
                 done.update(c.node for c in consumers)
+                if any(c.name in masked for c in consumers):  # (sequential: chunks keep siblings together)
+                    records.append(PermutationRecord(names, False, "a sibling reading the same tensor is already "
+                                                                   "masked (an earlier calibration chunk)"))
+                    advance(layer.name)
+                    continue
                 if any(c.node not in selected_nodes for c in consumers):
                     records.append(PermutationRecord(names, False,
                                                      "siblings reading the same tensor are not all selected"))

@@ -37,6 +37,10 @@ class CompileResult:
     """:class:`~mpcompile.io.outputs.FileRecord` of every file the output model consists of."""
     committed: bool = True
     """False when the check failed: then nothing was written under the output's final name."""
+    calibration_protocol: str | None = None
+    """sequential / dense (how the statistics were taken); None: the method used no data."""
+    capture_passes: int = 0
+    """ONNX Runtime passes spent capturing layer statistics."""
     _spectra: dict[str, dict[str, float | int]] | None = field(default=None, repr=False)
 
     def spectra(self) -> dict[str, dict[str, float | int]]:
@@ -71,6 +75,7 @@ class CompileResult:
             shapes=self.analysis.shape_spec.describe(),
             method=self.method,
             calibration=self.calibration_source,
+            calibration_protocol={"protocol": self.calibration_protocol, "capture_passes": self.capture_passes},
             evaluation=self.eval_source,
             selection={
                 "order": self.selection.order,
@@ -103,6 +108,8 @@ def result_of(state: CompileState) -> CompileResult:
         selection=state.selection,
         method=state.method,
         calibration_source=state.data.source,
+        calibration_protocol=state.calibration_protocol,
+        capture_passes=state.capture_passes,
         masks=state.masks,
         permutations=state.permutations,
         check_ok=check.ok,

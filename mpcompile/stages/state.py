@@ -82,6 +82,8 @@ class CompileState:
     # layer stages (merge per scope)
     scope: list | None = None
     stats_by_node: dict[ir.Node, Any] = field(default_factory=dict)  # LayerStats
+    calibration_protocol: str | None = None  # sequential / dense (None: no data method)
+    capture_passes: int = 0  # ONNX Runtime capture passes the calibrate stage ran
     permutations: list[PermutationRecord] = field(default_factory=list)
     precomputed: dict[str, Any] = field(default_factory=dict)  # PackedMaskResult the judge computed
     masks: list = field(default_factory=list)  # LayerMask
