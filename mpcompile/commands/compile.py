@@ -24,7 +24,7 @@ from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
 from mpcompile.io.model_io import default_output_path
 from mpcompile.io.outputs import RunOutputs, protected_files
-from mpcompile.report.figures import macs_cell, selection_summary, speedup_summary
+from mpcompile.report.figures import choice_summary, macs_cell, selection_summary, speedup_summary
 from mpcompile.report.json_report import dumps
 from mpcompile.selection.orders import ORDERS
 
@@ -165,6 +165,8 @@ def render_compile_summary(result: CompileResult, console) -> None:
     sel = result.selection
     summary = selection_summary({**sel.macs_report(), "sparse_layers": len(sel.selected_names)})
     console.print(f"method {result.method}; {summary}; calibration: {result.calibration_source}")
+    if sel.choice is not None:
+        console.print(choice_summary(sel.choice), markup=False, highlight=False)
     folded = [p for p in result.permutations if p.folded]
     if result.permutations:
         console.print(

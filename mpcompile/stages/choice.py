@@ -60,7 +60,13 @@ class ChoiceStage:
 
     def run(self, state: CompileState) -> None:
         opts, model, selection = state.options, state.model, state.selection
-        budget, gpu = opts.max_drift, opts.gpu
+        budget = opts.max_drift
+        if opts.gpu is not None:
+            from mpcompile.trt.model import gpu_spec
+
+            gpu = gpu_spec(opts.gpu).name  # "A100" → the table's entry, named so in every figure
+        else:
+            gpu = None
         groups = weight_groups(state.selected, state.masks)
         masks = {m.layer: m for m in state.masks}
         # one unit per activation: the layers reading it (q, k, v of a block) go 2:4 together
