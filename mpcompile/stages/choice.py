@@ -3,7 +3,7 @@
 
 Runs, like ``drift_order``, once every candidate is masked: each probe only swaps a unit's
 weights between their dense and 2:4 versions and costs one ONNX Runtime pass on a fixed
-small sample (``DRIFT_ORDER_SAMPLES``). The algorithm is ``selection/choice.py``; the gains
+sample (:data:`CHOICE_SAMPLES`). The algorithm is ``selection/choice.py``; the gains
 ``selection/gain.py``. The chosen set is then re-measured on all calibration samples, and
 units are dropped from the end while it exceeds the budget there, so the budget the report
 states holds on the calibration data, not only on the sample.
@@ -23,6 +23,11 @@ from mpcompile.stages.state import CompileState
 __all__ = ["ChoiceStage", "check_choice_options", "resolve_order", "CHOICE_PRIORS"]
 
 CHOICE_PRIORS = ("mp", "graph")
+MAX_SINGLE_UNITS = 24
+"""Up to this many masked weights each is its own unit; beyond, layers sharing an input are grouped."""
+CHOICE_SAMPLES = 256
+"""Calibration samples each probe runs (the default --calib-samples: then the greedy sees exactly the
+data the budget is verified on; a 64-sample proxy left budget unused after the verification)."""
 
 
 def resolve_order(options) -> str:
@@ -59,6 +64,8 @@ class ChoiceStage:
         return state.order == "choice"
 
     def run(self, state: CompileState) -> None:
+        from mpcompile.stages.reference import subset  # reference imports resolve_order from here
+
         opts, model, selection = state.options, state.model, state.selection
         budget = opts.max_drift
         if opts.gpu is not None:
@@ -69,11 +76,13 @@ class ChoiceStage:
             gpu = None
         groups = weight_groups(state.selected, state.masks)
         masks = {m.layer: m for m in state.masks}
-        # one unit per activation: the layers reading it (q, k, v of a block) go 2:4 together
+        # one unit per weight on small models; on larger ones the layers reading one activation
+        # (q, k, v of a block) go 2:4 together, which bounds the ONNX Runtime passes
         by_input: dict[object, list[str]] = {}
         for mask in state.masks:
             node = groups[mask.layer][0].node
-            by_input.setdefault(node.inputs[0] if node.inputs else mask.layer, []).append(mask.layer)
+            key = node.inputs[0] if len(state.masks) > MAX_SINGLE_UNITS and node.inputs else mask.layer
+            by_input.setdefault(key, []).append(mask.layer)
         unit_masks = list(by_input.values())
         analyses = {a.name: a for a in state.analysis.result.layers}
         members = [[layer.name for name in unit for layer in groups[name]] for unit in unit_masks]
@@ -89,7 +98,9 @@ class ChoiceStage:
 
         for mask in state.masks:
             write_matrix(groups[mask.layer][0], mask.dense)
-        sample, sample_out = state.drift_sample, state.dense_sample_out
+        sample = subset(state.data, CHOICE_SAMPLES)
+        sample_out = (state.dense_calib_out if sample.samples == state.data.samples
+                      else run_model(model, sample, opts.batch_size)[0])
 
         def set_unit(index: int, sparse: bool) -> None:
             for name in unit_masks[index]:
