@@ -29,6 +29,7 @@ BENCHMARKS = (
     ("permutation", "permutation.py", None),
     ("analyze_speed", "analyze_speed.py", None),
     ("quality", "quality.py", None),
+    ("layer_choice", "layer_choice.py", None),
     ("compile_speed", "compile_speed.py", None),
     ("seed_methods", "seed_methods.py", None),
     ("fuzz", "fuzz.py", None),
