@@ -91,8 +91,9 @@ class ChoiceStage:
         units = []
         for unit, names in zip(unit_masks, members):
             gain = sum(gains[n].gain for n in names)
-            reasons = sorted({gains[n].reason for n in names if gains[n].gain <= 0} if gain <= 0
-                             else {f"{gain:.3g} {'µs saved (modeled)' if gpu else 'MACs'}"})
+            reasons = list(dict.fromkeys(gains[n].reason for n in names if (gains[n].gain > 0) == (gain > 0)))
+            if len(names) > 1 and gain > 0:
+                reasons.insert(0, f"{gain:.3g} {'µs saved (modeled)' if gpu else 'MACs'} in all")
             ranks = [analyses[n].prune_rank for n in names if analyses[n].prune_rank is not None]
             units.append(Unit(names, gain, "; ".join(reasons), min(ranks) if ranks else 1 << 30))
 
