@@ -30,6 +30,7 @@ BENCHMARKS = (
     ("analyze_speed", "analyze_speed.py", None),
     ("quality", "quality.py", None),
     ("recovery", "recovery.py", None),
+    ("layer_choice", "layer_choice.py", None),
     ("compile_speed", "compile_speed.py", None),
     ("seed_methods", "seed_methods.py", None),
     ("fuzz", "fuzz.py", None),

@@ -16,6 +16,7 @@ from mpcompile.io.outputs import RunOutputs
 from mpcompile.stages.analyze import AnalyzeStage
 from mpcompile.stages.calibrate import CalibrateStage
 from mpcompile.stages.check import CheckStage
+from mpcompile.stages.choice import ChoiceStage
 from mpcompile.stages.load import LoadStage, check_options
 from mpcompile.stages.lower import LowerStage
 from mpcompile.stages.mask import MaskStage
@@ -39,7 +40,7 @@ FRONT_STAGES: tuple[Stage, ...] = (LoadStage(), AnalyzeStage(), ReferenceStage()
 """Read the model and data, fit the spectra, take the dense reference, choose candidates."""
 LAYER_STAGES: tuple[Stage, ...] = (CalibrateStage(), PermuteStage(), MaskStage())
 """Layer-wise: each works on ``state.layers_in_scope()`` and merges into the state."""
-BACK_STAGES: tuple[Stage, ...] = (DriftOrderStage(), DriftBudgetStage(), LowerStage(), SpectraStage(),
+BACK_STAGES: tuple[Stage, ...] = (DriftOrderStage(), DriftBudgetStage(), ChoiceStage(), LowerStage(), SpectraStage(),
                                   WriteStage(), CheckStage(), ValidateStage())
 """The measured choice, graph lowering, then write, check and validate the file."""
 REPORT_STAGES: tuple[Stage, ...] = (SpeedupStage(),)

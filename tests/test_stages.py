@@ -53,7 +53,7 @@ def test_every_compile_stage_follows_the_protocol_in_pipeline_order():
     assert all(isinstance(stage, Stage) for stage in COMPILE_STAGES)
     assert [s.name for s in COMPILE_STAGES] == [
         "load", "analyze", "reference", "select", "calibrate", "permute", "mask",
-        "drift_order", "drift_budget", "lower", "spectra", "write", "check", "validate"]
+        "drift_order", "drift_budget", "choice", "lower", "spectra", "write", "check", "validate"]
 
 
 def test_stages_by_hand_give_what_compile_model_gives(tmp_path, calib):

@@ -25,7 +25,8 @@ from mpcompile.stages.options import CALIBRATION_PROTOCOLS
 from mpcompile.pipeline import CompileOptions, CompileResult, compile_model
 from mpcompile.io.model_io import default_output_path
 from mpcompile.io.outputs import RunOutputs, protected_files
-from mpcompile.report.figures import calibration_protocol_summary, macs_cell, selection_summary, speedup_summary
+from mpcompile.report.figures import (calibration_protocol_summary, choice_summary, macs_cell, selection_summary,
+                                      speedup_summary)
 from mpcompile.report.json_report import dumps
 from mpcompile.selection.orders import ORDERS
 
@@ -73,12 +74,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--target", type=float, default=1.0,
                        help="fraction of eligible GEMM MACs to make 2:4, first layers of --order first (default 1.0)")
     group.add_argument("--max-drift", type=float, metavar="FRACTION",
-                       help="instead of --target: make 2:4 the longest prefix of layers (in --order) whose "
-                            "relative L2 output drift on calibration data stays within FRACTION")
-    group.add_argument("--order", choices=ORDERS, default="mp",
+                       help="instead of --target: an accuracy budget, the relative L2 output drift on calibration "
+                            "data. With --calib (default --order choice): the layers giving the most modeled "
+                            "gain (--gpu) or MACs within it, measured with interactions; with another --order "
+                            "(or no --calib): the longest prefix of that order within it")
+    group.add_argument("--order", choices=ORDERS, default=None,
                        help="layer order for --target and --max-drift: mp (spectral budget, predicted), "
                             "drift (measured: each layer made 2:4 alone on calibration data, lowest output "
-                            "drift per MAC first; one ONNX Runtime pass per layer), graph, macs (default mp)")
+                            "drift per MAC first; one ONNX Runtime pass per layer), graph, macs, choice "
+                            "(--max-drift only: greedy by gain / measured drift increase, MP rank breaking "
+                            "near-ties). Default: choice with --max-drift and --calib, else mp")
+    group.add_argument("--gpu", metavar="GPU",
+                       help="with --max-drift: weigh each layer by the modeled time it saves on this GPU "
+                            "(A40, A100-SXM4-80GB, H100-SXM, ...: FP16 roofline, layers predicted to run "
+                            "dense gain nothing) instead of by its MACs")
     group.add_argument("--only-profitable", metavar="GPU",
                        help="keep dense every layer the modeled predictor says TensorRT would run dense on GPU "
                             "(e.g. A100-SXM4-80GB, A40): too few channels, misaligned, or memory bound at the "
@@ -126,6 +135,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         max_drift=args.max_drift,
         sparsity=args.sparsity,
         order=args.order,
+        gpu=args.gpu,
         exclude=tuple(args.exclude),
         only_profitable=args.only_profitable,
         calib=args.calib,
@@ -165,6 +175,8 @@ def render_compile_summary(result: CompileResult, console) -> None:
     console.print(f"method {result.method}; {summary}; calibration: {result.calibration_source}")
     protocol = {"protocol": result.calibration_protocol, "capture_passes": result.capture_passes}
     console.print(f"calibration protocol: {calibration_protocol_summary(protocol)}")
+    if sel.choice is not None:
+        console.print(choice_summary(sel.choice), markup=False, highlight=False)
     folded = [p for p in result.permutations if p.folded]
     if result.permutations:
         console.print(

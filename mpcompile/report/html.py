@@ -19,7 +19,8 @@ import numpy as np
 
 from mpcompile.errors import OptionalDependencyError
 from mpcompile.numerics.mp_law import matrix_eigenvalues, mp_density
-from mpcompile.report.figures import calibration_protocol_summary, macs_cell, selection_summary, speedup_summary, unknown_macs_note
+from mpcompile.report.figures import (CHOICE_HEADER, calibration_protocol_summary, choice_rows, choice_summary,
+                                      macs_cell, selection_summary, speedup_summary, unknown_macs_note)
 
 __all__ = ["render_markdown", "render_html", "write_reports"]
 
@@ -175,6 +176,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- speedup on {speedup_summary(item)}")
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
+    choice = (report.get("selection") or {}).get("choice")
+    if choice:
+        lines += ["", "## Layer choice", "", choice_summary(choice), "",
+                  "| " + " | ".join(CHOICE_HEADER) + " |", "|" + "---|" * len(CHOICE_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in choice_rows(choice)]
     lines += ["", "| layer | op | out×K | MACs | σ+ | spikes | bulk % | μ | SEB w | 2:4 | why |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer in report["layers"]:
@@ -277,6 +283,10 @@ def render_html(report: dict[str, Any], analysis_layers=None) -> str:
     speed = _speedup_table(report)
     if speed:
         sections.append(("<h2>Speedup (modeled unless marked measured)</h2>" + speed))
+    choice = (report.get("selection") or {}).get("choice")
+    if choice:
+        sections.append(f"<h2>Layer choice</h2><p>{html.escape(choice_summary(choice))}</p>"
+                        + _table(CHOICE_HEADER, choice_rows(choice), {3, 4, 5}))
     layer_rows = [_layer_cells(layer) for layer in report.get("layers", [])]
     sections.append("<h2>Layers</h2>" + _table(
         ["layer", "op", "out×K", "MACs", "σ+", "spikes", "bulk %", "μ", "SEB w", "2:4", "why"], layer_rows,

@@ -18,8 +18,8 @@ from mpcompile.passes.spectral_analysis import AnalysisResult, LayerAnalysis
 
 __all__ = ["LayerDecision", "Selection", "select_layers", "rank_by_measurement", "ORDERS"]
 
-ORDERS = ("mp", "graph", "macs", "drift")
-MEASURED_ORDERS = ("drift",)
+ORDERS = ("mp", "graph", "macs", "drift", "choice")
+MEASURED_ORDERS = ("drift", "choice")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Selection:
     eligible_macs: int
     selected_macs: int
     ranking: list[str] = field(default_factory=list)  # candidates, first to be made sparse first
+    choice: dict | None = None  # --order choice: every unit's verdict and the numbers behind it
 
     @property
     def ranked_selected(self) -> list[str]:

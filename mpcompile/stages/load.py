@@ -14,6 +14,7 @@ from mpcompile.errors import UsageError
 from mpcompile.io.calibration import load_calibration, shapes_from_calibration, synthetic_inputs
 from mpcompile.io.model_io import default_output_path, load_model
 from mpcompile.io.outputs import protected_files
+from mpcompile.stages.choice import check_choice_options
 from mpcompile.stages.options import CALIBRATION_PROTOCOLS, CompileOptions
 from mpcompile.stages.state import CompileState
 
@@ -29,6 +30,7 @@ def check_options(opts: CompileOptions) -> None:
         raise UsageError(f"--calibration must be one of {', '.join(CALIBRATION_PROTOCOLS)}, got {opts.calibration!r}")
     if opts.perm_time_budget < 0:
         raise UsageError(f"--perm-time must be >= 0 seconds, got {opts.perm_time_budget:g}")
+    check_choice_options(opts)
 
 
 class LoadStage:

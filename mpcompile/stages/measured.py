@@ -16,7 +16,7 @@ class DriftOrderStage:
     timing = "drift_order"
 
     def applies(self, state: CompileState) -> bool:
-        return state.measured_order
+        return state.order == "drift"
 
     def run(self, state: CompileState) -> None:
         opts = state.options
@@ -24,7 +24,7 @@ class DriftOrderStage:
         state.masks = rank_by_drift(state.model, state.dense_sample_out, state.drift_sample, state.selected,
                                     state.masks, state.selection, target=target, batch_size=opts.batch_size,
                                     progress=state.progress)
-        state.notes.append(f"--order {opts.order}: layers ranked by the relative output drift each causes alone on "
+        state.notes.append(f"--order {state.order}: layers ranked by the relative output drift each causes alone on "
                            f"{state.drift_sample.samples} samples of {state.data.source}, per MAC")
 
 
@@ -33,7 +33,7 @@ class DriftBudgetStage:
     timing = "drift_search"
 
     def applies(self, state: CompileState) -> bool:
-        return state.options.max_drift is not None
+        return state.options.max_drift is not None and state.order != "choice"
 
     def run(self, state: CompileState) -> None:
         opts = state.options

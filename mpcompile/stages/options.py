@@ -33,7 +33,9 @@ class CompileOptions:
     target: float = 1.0
     max_drift: float | None = None
     sparsity: float = 0.5  # overall removed fraction for the unstructured methods (rmt-sv, spectral-sample)
-    order: str = "mp"
+    order: str | None = None  # None: "choice" with --max-drift and --calib, else "mp" (stages/choice.py)
+    gpu: str | None = None  # --order choice: weigh layers by modeled time saved on this GPU (else by MACs)
+    choice_prior: str = "mp"  # --order choice: what orders near-tied candidates ("graph": no MP prior)
     exclude: tuple[str, ...] = ()
     only_profitable: str | None = None  # GPU name: keep dense what TensorRT is predicted to run dense there
     calib: str | None = None

@@ -15,6 +15,7 @@ from mpcompile.io.runner import run_model
 from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.selection.orders import MEASURED_ORDERS
+from mpcompile.stages.choice import resolve_order
 from mpcompile.stages.options import DATA_METHODS, CompileOptions
 from mpcompile.stages.state import CompileState
 
@@ -56,7 +57,8 @@ class ReferenceStage:
         state.method = resolve_method(opts, state.from_user or opts.method in DATA_METHODS)
         state.unstructured = state.method in UNSTRUCTURED_METHODS
         state.from_capture = state.eval_data is data and state.method in DATA_METHODS and not state.unstructured
-        state.measured_order = opts.order in MEASURED_ORDERS
+        state.order = resolve_order(opts)
+        state.measured_order = state.order in MEASURED_ORDERS
         with dense_model_errors():
             if not state.from_capture:
                 state.dense_eval_all = run_model(model, state.eval_data, opts.batch_size)

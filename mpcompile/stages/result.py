@@ -82,6 +82,7 @@ class CompileResult:
                 "target": self.selection.target,
                 **self.selection.macs_report(),
                 "sparse_layers": len(self.selection.selected_names),
+                **({"choice": self.selection.choice} if self.selection.choice is not None else {}),
             },
             check={"ok": self.check_ok, **(self.check.to_dict() if self.check is not None else {})},
             validation=self.validation.to_dict() if self.validation else None,

@@ -28,7 +28,7 @@ class SelectStage:
         if opts.only_profitable:
             state.notes.append(f"--only-profitable {opts.only_profitable}: {len(kept_dense)} eligible layers kept "
                                "dense, predicted to run dense in TensorRT there (modeled, see each layer's reason)")
-        selection = select_layers(analysis.result, target=target, order=opts.order,
+        selection = select_layers(analysis.result, target=target, order=state.order,
                                   exclude=set(opts.exclude) | set(kept_dense))
         explain_unprofitable(selection, kept_dense, opts.exclude, opts.only_profitable)
         if not selection.selected_names and opts.target > 0:

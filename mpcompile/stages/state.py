@@ -72,6 +72,7 @@ class CompileState:
     unstructured: bool = False
     from_capture: bool = False
     measured_order: bool = False
+    order: str = "mp"  # --order, resolved (stages/choice.py: resolve_order)
     dense_eval_all: list[np.ndarray] | None = None
     dense_calib_out: np.ndarray | None = None
     drift_sample: Any = None
