@@ -173,3 +173,26 @@ def test_killed_streamed_compile_leaves_no_output_and_is_cleaned_up(small, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mpcompile-")]
     assert "killed mpcompile run" in capfd.readouterr().err
     assert _digest(inputs) == before
+
+
+def test_sketched_spectrum_change_matches_exact_on_a_wide_layer(monkeypatch):
+    """--spectrum sketch: the figures by randomized top-k, against the full solve (the size
+    rule lowered from 2048 so the test stays fast)."""
+    from mpcompile.numerics import sketch_spectrum
+    from mpcompile.numerics.masks import apply_method
+    from mpcompile.numerics.spectrum_change import spectrum_change
+
+    monkeypatch.setattr(sketch_spectrum, "SKETCH_MIN_SIDE", 512)
+    rng = np.random.default_rng(0)
+    rows, cols, rank = 768, 1024, 8
+    u, _ = np.linalg.qr(rng.standard_normal((rows, rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, rank)))
+    w = (rng.standard_normal((rows, cols)) * 0.02 + (u * np.linspace(12, 6, rank)) @ v.T).astype(np.float32)
+    sparse = np.asarray(apply_method("magnitude", w, None).weight, dtype=np.float32)
+    exact = spectrum_change(w, sparse)
+    sketch = spectrum_change(w, sparse, sketch=True)
+    assert sketch.pop("spectrum") == "sketch" and "spectrum" not in exact
+    assert sketch["relative_frobenius_error"] == exact["relative_frobenius_error"]
+    assert sketch["top_k_within_5pct"] == exact["top_k_within_5pct"]
+    assert sketch["relative_spectral_error"] == pytest.approx(exact["relative_spectral_error"], rel=0.05)
+    assert spectrum_change(w[:256], sparse[:256], sketch=True).get("spectrum") is None  # small: exact

@@ -25,7 +25,8 @@ def fits_of(state: CompileState) -> dict:
 
 def layer_spectrum_change(mask: LayerMask, fits: dict) -> dict[str, float | int]:
     fit = fits.get(mask.layer)
-    return spectrum_change(mask.dense, mask.sparse, dense_top=fit.top_singular_values if fit is not None else None)
+    return spectrum_change(mask.dense, mask.sparse, dense_top=fit.top_singular_values if fit is not None else None,
+                           sketch=fit is not None and fit.spectrum == "sketch")
 
 
 class MaskStage:
