@@ -29,8 +29,10 @@ def spectrum_change(
     """
     from mpcompile.numerics.sketch_spectrum import SKETCH_MIN_SIDE, top_singular_values
 
-    d = dense.astype(np.float32)
-    diff = d - sparse.astype(np.float32)
+    # no copies beyond the difference: on a 32000 × 4096 LM head each float32 copy is 0.5 GB
+    d = np.asarray(dense, dtype=np.float32)
+    sparse = np.asarray(sparse, dtype=np.float32)
+    diff = d - sparse
     k = min(top_k, min(d.shape))
     sketch = sketch and min(d.shape) >= SKETCH_MIN_SIDE
     if dense_top is not None and len(dense_top) >= k:
@@ -43,7 +45,7 @@ def spectrum_change(
         ss = top_singular_values(sparse, k)
         spectral_diff = float(top_singular_values(diff, 1)[0])
     else:
-        ss = np.sqrt(matrix_eigenvalues(sparse.astype(np.float32)))[::-1]
+        ss = np.sqrt(matrix_eigenvalues(sparse))[::-1]
         spectral_diff = float(np.sqrt(matrix_eigenvalues(diff)[-1]))
     within = int(np.sum(np.abs(ss[:k] - sd[:k]) <= 0.05 * np.maximum(sd[:k], 1e-12)))
     return {
