@@ -196,3 +196,20 @@ def test_sketched_spectrum_change_matches_exact_on_a_wide_layer(monkeypatch):
     assert sketch["top_k_within_5pct"] == exact["top_k_within_5pct"]
     assert sketch["relative_spectral_error"] == pytest.approx(exact["relative_spectral_error"], rel=0.05)
     assert spectrum_change(w[:256], sparse[:256], sketch=True).get("spectrum") is None  # small: exact
+
+
+def test_magnitude_mask_by_row_blocks_is_the_same_bits(monkeypatch):
+    """The mask is computed a block of rows at a time (memory of one block, not the layer):
+    the same bits as one argsort over the whole matrix, ties included."""
+    from mpcompile.numerics import masks
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((37, 64)).astype(np.float32)
+    w[::3, ::5] = 0.5  # ties inside groups
+    whole = masks._topn_mask(np.abs(w.astype(np.float64)), 2, 4)
+    a = np.abs(w.astype(np.float64))
+    kept = float(a[whole].sum()) / float(a.sum())
+    monkeypatch.setattr(masks, "_MASK_BLOCK_ENTRIES", 64 * 5)  # 5 rows a block, the last one partial
+    result = masks.magnitude_24(w)
+    assert np.array_equal(result.mask, whole)
+    assert result.kept_magnitude_fraction == pytest.approx(kept, rel=1e-12)
