@@ -6,7 +6,8 @@ it and writes the result back into the graph as an in-memory array. Kept there, 
 model grows to the whole model in anonymous memory by the last layer. Appended here instead
 and replaced in the graph by an external tensor over this file, each masked weight costs
 memory only while it is masked; the write stage then copies it, one tensor at a time, into
-the output's own data file (the spill lives in the run's staging folder and goes with it).
+the output's own data file (the spill lives in the run's staging folder and goes with it:
+the model reads its masked weights from it until the run's last report is written).
 
 Every tensor starts at a page boundary so a memory map of it is a view, not a copy.
 """
@@ -58,6 +59,3 @@ class SpillFile:
         if tensor.length == 0:
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=tensor.offset, shape=shape)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

@@ -41,7 +41,9 @@ def streams(state: CompileState) -> bool:
 
 
 def open_spill(state: CompileState) -> SpillFile:
-    """The run's spill file, beside the staged output (removed with the staging folder)."""
+    """The run's spill file, beside the staged output. It lives as long as the staging folder
+    (commit or discard removes both): the model's masked weights are read from it until the
+    run's last report is written (the HTML report's spectra read the largest weights)."""
     if state.spill is None:
         staged = state.files.stage_path(state.out_path)
         state.spill = SpillFile(staged.with_name(staged.name + ".spill"))

@@ -19,13 +19,6 @@ class ValidateStage:
         return True
 
     def run(self, state: CompileState) -> None:
-        try:
-            self._validate(state)
-        finally:
-            if state.spill is not None:  # the written file holds the masked weights now
-                state.spill.remove()
-
-    def _validate(self, state: CompileState) -> None:
         model = state.model
         skipped = end_to_end_skipped(state)
         if skipped is not None or state.dense_eval_all is None:
