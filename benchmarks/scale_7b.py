@@ -142,7 +142,8 @@ def _predicted(history: list[dict[str, Any]], command: str, weight_bytes: int, f
 
 
 def run_config(config: LlamaConfig, seed: int, history: list[dict[str, Any]], anchor: bool,
-               out_dir: Path, max_command_s: float, only: list[str] | None = None) -> dict[str, Any]:
+               out_dir: Path, max_command_s: float, only: list[str] | None = None,
+               compile_spectrum: str = "exact") -> dict[str, Any]:
     path, cached, gen_s = cached_model(config, seed)
     print(f"== {config.name}: {config.parameters / 1e9:.2f} B parameters, {config.weight_bytes / 1e9:.2f} GB FP16 "
           f"({'cached' if cached else f'generated in {gen_s:.0f} s'})", flush=True)
@@ -156,7 +157,7 @@ def run_config(config: LlamaConfig, seed: int, history: list[dict[str, Any]], an
         "analyze": [py, "-m", "mpcompile", "analyze", str(path), "-o", str(work / "analyze.json"), "--force",
                     "--json"],
         "compile": [py, "-m", "mpcompile", "compile", str(path), "-o", str(work / f"{config.name}.sparse.onnx"),
-                    "--force", "--quiet"],
+                    "--force", "--quiet", "--report", str(work / "compile.json"), "--spectrum", compile_spectrum],
     }
     if config.dim >= 4096:  # the fast one first: on a loaded machine the exact one may not finish
         commands = {"analyze_sketch": [*commands["analyze"][:-3], str(work / "analyze_sketch.json"), "--force",
@@ -195,6 +196,12 @@ def run_config(config: LlamaConfig, seed: int, history: list[dict[str, Any]], an
             continue
         record["runs"][name] = m.to_dict()
         print(f"    {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s cpu, {m.peak_rss_bytes / 1e6:.0f} MB peak RSS", flush=True)
+        if name == "compile":  # what the compile checked and validated, in its own words
+            report = json.loads((work / "compile.json").read_text())
+            record["compile"] = {"spectrum": compile_spectrum, "check_ok": report["check"]["ok"],
+                                 "validation": report["validation"], "seconds": report["seconds"],
+                                 "sparse_layers": report["selection"]["sparse_layers"],
+                                 "notes": [n for n in report["notes"] if "validation" in n]}
         if name.startswith("analyze"):
             report = json.loads((work / f"{name}.json").read_text())
             fits = [layer["mp"] for layer in report["layers"] if layer.get("mp")]
@@ -317,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-accuracy", action="store_true", help="skip the sketch-vs-exact σ² measurement")
     parser.add_argument("--max-command-s", type=float, default=3 * 3600,
                         help="kill a command after this long, and do not start one predicted to take longer")
+    parser.add_argument("--compile-spectrum", choices=["exact", "sketch"], default="exact",
+                        help="the MP fit (and spectrum figures) of the compile: sketch is the fast one on 4096-wide layers")
     parser.add_argument("-o", "--output", type=Path)
     parser.add_argument("--resume", action="store_true",
                         help="keep the sizes already in the output JSON (and predict memory from them); run the rest")
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for config in configs:
             sizes.append(run_config(config, args.seed, sizes, not args.skip_anchor and not args.quick, out_dir,
-                                    args.max_command_s, args.commands))
+                                    args.max_command_s, args.commands, args.compile_spectrum))
             seven_b = sizes[-1]["runs"].get("analyze") if config.name == LLAMA2_7B.name else None
             if seven_b is not None:
                 targets["analyze_7b_rss_le_3GB"] = seven_b["peak_rss_bytes"] <= TARGET_RSS_BYTES

@@ -62,11 +62,14 @@ def _stage(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def _sha256(path: Path, chunk: int = 1 << 18) -> str:
+    """Read into one reused buffer: hashing a multi-GB data file costs ``chunk`` bytes of memory."""
     digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 

@@ -27,6 +27,8 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.internal.encoder import _VarintBytes
 
+from mpcompile.lazy_weights import release
+
 __all__ = ["load_skeleton", "write_inline_streamed", "write_external_streamed"]
 
 _MODEL_GRAPH = 7
@@ -180,12 +182,14 @@ def _record(tensor: onnx.TensorProto) -> bytes:
 
 def write_inline_streamed(model: ir.Model, path: str | os.PathLike) -> None:
     """Write ``model`` as one self-contained ONNX file, one initializer at a time (see module doc):
-    the peak extra memory is one tensor instead of two copies of every weight."""
+    the peak extra memory is one tensor instead of two copies of every weight, and a weight read
+    lazily (memory-mapped) is unmapped once written."""
     head, initializers = _head(model)
     with open(path, "wb") as f:
         f.write(head)
         for value in initializers:
             f.write(_record(_tensor_proto(value.name, value.const_value)))
+            release(value.const_value)  # a lazily read weight is unmapped once copied
 
 
 EXTERNAL_MIN_BYTES = 1024
@@ -219,6 +223,7 @@ def write_external_streamed(model: ir.Model, path: str | os.PathLike) -> str | N
             data.write(raw)
             digest.update(pad)
             digest.update(raw)
+            release(tensor)  # a lazily read weight is unmapped once copied: one resident at a time
             offset += len(pad)
             stubs.append((onnx.TensorProto(name=value.name, dims=[int(d) for d in tensor.shape],
                                            data_type=int(tensor.dtype)), (offset, len(raw))))

@@ -14,6 +14,7 @@ from mpcompile.passes.sparsify_24 import Apply24SparsityPass, LayerMask
 from mpcompile.passes.unstructured_prune import ApplyUnstructuredPruningPass
 from mpcompile.stages.options import DATA_METHODS
 from mpcompile.stages.state import CompileState
+from mpcompile.stages.streaming import open_spill, spill_layer, streams
 
 __all__ = ["MaskStage", "layer_spectrum_change", "fits_of"]
 
@@ -24,7 +25,8 @@ def fits_of(state: CompileState) -> dict:
 
 def layer_spectrum_change(mask: LayerMask, fits: dict) -> dict[str, float | int]:
     fit = fits.get(mask.layer)
-    return spectrum_change(mask.dense, mask.sparse, dense_top=fit.top_singular_values if fit is not None else None)
+    return spectrum_change(mask.dense, mask.sparse, dense_top=fit.top_singular_values if fit is not None else None,
+                           sketch=fit is not None and fit.spectrum == "sketch")
 
 
 class MaskStage:
@@ -45,11 +47,17 @@ class MaskStage:
         keep_dense = opts.keep_dense or state.measured_order or opts.max_drift is not None
         fits = fits_of(state)
 
+        spill = open_spill(state) if streams(state) else None
+        by_name = {layer.name: layer for layer in layers}
+
         def settle(mask: LayerMask) -> None:
             """Seed 003's spectrum figures while the dense weight is at hand, then let it go:
-            holding every pre-mask weight to the end of the stage doubled the model in memory."""
+            holding every pre-mask weight to the end of the stage doubled the model in memory.
+            Streaming, the masked weight goes to disk too (``stages/streaming.py``)."""
             state.spectra[mask.layer] = layer_spectrum_change(mask, fits)
             mask.release_dense()
+            if spill is not None:
+                spill_layer(spill, by_name[mask.layer], mask)
 
         with state.progress(f"{method} masks", len(layers)) as advance:
             if state.unstructured:

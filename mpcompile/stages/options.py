@@ -56,6 +56,9 @@ class CompileOptions:
     # the Python API needs it to carry masks back to torch. The CLI releases it once the
     # report's spectra are computed, which saves one copy of the model's GEMM weights.
     keep_dense: bool = True
+    # Move each masked weight to a spill file as it is written (``stages/streaming.py``):
+    # None streams models read with external data, True any model, False never.
+    stream: bool | None = None
     analyze: AnalyzeOptions = field(default_factory=AnalyzeOptions)
     shape_spec: ShapeSpec = field(default_factory=ShapeSpec)
     # Shape sets the modeled speedup is reported at (``--dim batch=1,8,32``); empty: shape_spec.

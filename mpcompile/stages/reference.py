@@ -12,12 +12,14 @@ from mpcompile.checks.model_checks import dense_model_errors, require_finite, re
 from mpcompile.errors import UsageError
 from mpcompile.io.calibration import CalibrationData, load_calibration
 from mpcompile.io.runner import run_model
+from mpcompile.lazy_weights import release_all
 from mpcompile.numerics.masks import MASK_METHODS
 from mpcompile.passes.unstructured_prune import UNSTRUCTURED_METHODS
 from mpcompile.selection.orders import MEASURED_ORDERS
 from mpcompile.stages.choice import resolve_order
 from mpcompile.stages.options import DATA_METHODS, CompileOptions
 from mpcompile.stages.state import CompileState
+from mpcompile.stages.streaming import end_to_end_skipped
 
 __all__ = ["ReferenceStage", "resolve_method", "DRIFT_ORDER_SAMPLES"]
 
@@ -59,9 +61,11 @@ class ReferenceStage:
         state.from_capture = state.eval_data is data and state.method in DATA_METHODS and not state.unstructured
         state.order = resolve_order(opts)
         state.measured_order = state.order in MEASURED_ORDERS
+        skipped = end_to_end_skipped(state)
         with dense_model_errors():
-            if not state.from_capture:
+            if not state.from_capture and skipped is None:
                 state.dense_eval_all = run_model(model, state.eval_data, opts.batch_size)
+                release_all(model)  # the session mapped every lazily read weight: unmap them
             dense_eval_out = state.dense_eval_out
             state.dense_calib_out = (
                 dense_eval_out if state.eval_data is data

@@ -89,6 +89,7 @@ class CompileState:
     precomputed: dict[str, Any] = field(default_factory=dict)  # PackedMaskResult the judge computed
     masks: list = field(default_factory=list)  # LayerMask
     spectra: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    spill: Any = None  # SpillFile of the masked weights when the compile streams
     # write / check / validate / speedup
     staged: Path | None = None
     output_files: list = field(default_factory=list)
